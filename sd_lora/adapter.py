@@ -1,0 +1,145 @@
+"""read_adapter / save_adapter: safetensors I/O for AdapterWeights, with validation, metadata and atomic writes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from sd_lora.formats import detect
+from sd_lora.weights import AdapterError, AdapterWeights, LoRAModule
+
+__all__ = ["AdapterError", "AdapterWeights", "LoRAModule", "read_adapter", "save_adapter", "atomic_write_bytes"]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_ARCH = {"sd1": ("sd_v1", "stable-diffusion-v1/lora", 512), "sd2": ("sd_v2", "stable-diffusion-v2-768-v/lora", 768),
+         "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", 1024)}
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterWeights:
+    """Read and validate a LoRA file in any supported format. Raises AdapterError naming the file and the problem."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise AdapterError(f"{where}: no such file")
+    tensors, metadata = _load_tensors(path, allow_pickle)
+    keys = list(tensors)
+    fmt = detect.detect_format(keys, metadata, where)
+    peft_config = _peft_config_beside(path) if fmt == "diffusers" else None
+    weights = detect.FORMATS[fmt].read(tensors, metadata, source=where, **({"peft_config": peft_config}
+                                                                         if peft_config else {}))
+    weights.validate()
+    weights.family = detect.detect_family(weights)
+    return weights
+
+
+def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    where = str(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise AdapterError(f"{where}: pickle files ({path.suffix}) can run code when loaded and are refused; "
+                               "convert it to .safetensors, or pass allow_pickle=True if you trust its source")
+        return _load_pickle(path), {}
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise AdapterError(f"{where}: not a safetensors file ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100_000_000:
+        hint = " (it looks like a pickle)" if data[:2] in (b"PK", b"\x80\x02", b"\x80\x04") else ""
+        raise AdapterError(f"{where}: not a safetensors file, or truncated: the header claims {header_len} bytes "
+                           f"but the file has {len(data)}{hint}")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        metadata = dict(header.get("__metadata__") or {})
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{where}: not a valid safetensors file, or truncated: {e}") from None
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterError(f"{path}: could not read it as a weights-only pickle: {e}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AdapterError(f"{path}: the pickle does not hold a flat dict of tensors")
+    return obj
+
+
+def _peft_config_beside(path: Path) -> dict | None:
+    cfg = path.parent / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg}: not valid JSON: {e}") from None
+
+
+def save_adapter(weights: AdapterWeights, path: str | os.PathLike, format: str = "kohya",
+                 dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:
+    """Write `weights` atomically. kohya files get ss_* and modelspec.* metadata and a sshs_model_hash."""
+    path = Path(path)
+    weights.validate()
+    if format == "kohya":
+        tensors = detect.FORMATS["kohya"].write(weights, dtype)
+        header = standard_metadata(weights, path)
+    elif format == "diffusers":
+        tensors, header = detect.FORMATS["diffusers"].write(weights, dtype)
+    else:
+        raise ValueError(f"unknown format {format!r}: use 'kohya' or 'diffusers'")
+    header.update({k: str(v) for k, v in (metadata or {}).items()})
+    data = st_save(tensors, header)
+    if format == "kohya":  # the hash covers the tensor bytes only, so it can go into the header afterwards
+        header["sshs_model_hash"] = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()
+        data = st_save(tensors, header)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def standard_metadata(weights: AdapterWeights, path: Path) -> dict[str, str]:
+    """What A1111/ComfyUI and model sites read: base family, network settings, a ModelSpec title and date."""
+    family = weights.family if weights.family in _ARCH else "sd1"
+    ss_version, arch, resolution = _ARCH[family]
+    ranks = sorted(weights.ranks)
+    alphas = sorted({m.alpha_value for m in weights.modules.values()})
+    md = {
+        "ss_base_model_version": ss_version, "ss_v2": str(family == "sd2"), "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[-1] if ranks else 0), "ss_network_alpha": str(alphas[-1] if alphas else 0),
+        "ss_output_name": path.stem, "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": arch,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers", "modelspec.title": path.stem,
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+    }
+    keep = {k: v for k, v in weights.metadata.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
+    md.update(keep)
+    return md
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

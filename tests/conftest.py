@@ -1,0 +1,18 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sd_lora  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def pipe():
+    """A fresh tiny pipeline per test: adapters mutate it."""
+    return sd_lora.load_pipeline("tiny")
+

@@ -1,0 +1,187 @@
+"""sd_lora.adapter and sd_lora.formats: reading and writing files, metadata, and every kind of bad file."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from helpers import random_adapter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sd_lora
+from sd_lora import AdapterError, read_adapter, save_adapter
+
+
+def _same(a, b):
+    assert set(a.modules) == set(b.modules)
+    for name, m in a.modules.items():
+        n = b.modules[name]
+        torch.testing.assert_close(n.down.float(), m.down.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(n.up.float(), m.up.float(), atol=1e-3, rtol=1e-3)
+        assert n.alpha_value == m.alpha_value, name
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_round_trip_keeps_every_module_and_alpha(pipe, tmp_path, fmt):
+    w = random_adapter(pipe, preset="full", alphas="varied")
+    save_adapter(w, tmp_path / "a.safetensors", format=fmt, dtype=torch.float32)
+    back = read_adapter(tmp_path / "a.safetensors")
+    assert back.format == fmt
+    _same(w, back)
+
+
+def test_kohya_file_layout_and_metadata(pipe, tmp_path):
+    w = random_adapter(pipe, preset="cross-attn", rank=4, alphas=2.0)
+    path = save_adapter(w, tmp_path / "mozart.safetensors")
+    with safe_open(path, "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha")
+        down = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight")
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    assert alpha.dim() == 0 and alpha.dtype == torch.float32 and alpha.item() == 2.0
+    assert down.dtype == torch.float16  # fp16 by default, like the files people share
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_v2"] == "False"
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
+    assert md["ss_network_alpha"] == "2.0" and md["ss_output_name"] == "mozart"
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and md["modelspec.title"] == "mozart"
+    data = path.read_bytes()
+    body = data[8 + struct.unpack("<Q", data[:8])[0]:]
+    assert md["sshs_model_hash"] == hashlib.sha256(body).hexdigest()
+
+
+def test_missing_alpha_means_scale_one(tmp_path):
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(2, 64, 1, 1),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2, 1, 1)},
+              tmp_path / "a.safetensors")
+    w = read_adapter(tmp_path / "a.safetensors")
+    assert w.modules["unet.mid_block.attentions.0.proj_in"].scale == 1.0
+
+
+def test_diffusers_header_alpha_and_patterns(tmp_path):
+    md = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern":
+                                               {"mid_block.attentions.0.proj_in": 2}, "unet.rank_pattern": {}})}
+    t = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(4, 64, 1, 1),
+         "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(64, 4, 1, 1),
+         "unet.mid_block.attentions.0.proj_out.lora_A.weight": torch.ones(4, 64, 1, 1),
+         "unet.mid_block.attentions.0.proj_out.lora_B.weight": torch.ones(64, 4, 1, 1)}
+    save_file(t, tmp_path / "d.safetensors", metadata=md)
+    w = read_adapter(tmp_path / "d.safetensors")
+    assert w.modules["unet.mid_block.attentions.0.proj_in"].scale == 0.5
+    assert w.modules["unet.mid_block.attentions.0.proj_out"].scale == 2.0
+
+
+def test_peft_folder_with_adapter_config(tmp_path):
+    save_file({"base_model.model.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(4, 64, 1, 1),
+               "base_model.model.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(64, 4, 1, 1)},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    w = read_adapter(tmp_path / "adapter_model.safetensors")
+    assert w.format == "peft" and w.modules["unet.mid_block.attentions.0.proj_in"].scale == 4.0
+
+
+def test_family_from_metadata_and_shapes(tmp_path):
+    t = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.ones(4, 2048),
+         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.ones(320, 4)}
+    save_file(t, tmp_path / "xl.safetensors")
+    assert read_adapter(tmp_path / "xl.safetensors").family == "sdxl"
+    save_file(t, tmp_path / "v2.safetensors", metadata={"ss_base_model_version": "sd_v2"})
+    assert read_adapter(tmp_path / "v2.safetensors").family == "sd2"
+
+
+# ---- bad files: one clear error that names the file and the problem ---------------------------------------------
+def _kohya(**extra):
+    t = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(2, 64, 1, 1),
+         "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2, 1, 1)}
+    t.update(extra)
+    return t
+
+
+def test_not_safetensors(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"this is not a tensor file at all")
+    with pytest.raises(AdapterError, match=r"junk\.safetensors: not a safetensors file"):
+        read_adapter(p)
+
+
+def test_truncated(tmp_path):
+    p = tmp_path / "cut.safetensors"
+    save_file(_kohya(), p)
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(AdapterError, match=r"cut\.safetensors: .*truncated"):
+        read_adapter(p)
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.safetensors"
+    p.write_bytes(b"")
+    with pytest.raises(AdapterError, match=r"empty\.safetensors: not a safetensors file \(0 bytes\)"):
+        read_adapter(p)
+
+
+def test_pickle_refused_by_default_and_read_weights_only_when_allowed(tmp_path):
+    p = tmp_path / "old.ckpt"
+    torch.save(_kohya(), p)
+    with pytest.raises(AdapterError, match=r"old\.ckpt: pickle files .* refused"):
+        read_adapter(p)
+    assert len(read_adapter(p, allow_pickle=True).modules) == 1
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(AdapterError, match=r"evil\.pt: could not read it as a weights-only pickle"):
+        read_adapter(tmp_path / "evil.pt", allow_pickle=True)
+
+
+def test_half_a_pair(tmp_path):
+    t = _kohya()
+    del t["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"]
+    save_file(t, tmp_path / "half.safetensors")
+    with pytest.raises(AdapterError, match=r"half\.safetensors: module unet\.mid_block\.attentions\.0\.proj_in has "
+                                           r"no lora_up"):
+        read_adapter(tmp_path / "half.safetensors")
+
+
+def test_nan(tmp_path):
+    t = _kohya()
+    t["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"][3, 1] = float("nan")
+    save_file(t, tmp_path / "nan.safetensors")
+    with pytest.raises(AdapterError, match=r"nan\.safetensors: unet\.mid_block\.attentions\.0\.proj_in: up contains "
+                                           r"NaN or Inf"):
+        read_adapter(tmp_path / "nan.safetensors")
+
+
+@pytest.mark.parametrize("key,kind", [("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "LoHa"),
+                                      ("lora_unet_mid_block_attentions_0_proj_in.lokr_w1", "LoKr")])
+def test_lycoris_types_are_named(tmp_path, key, kind):
+    save_file({key: torch.ones(2, 2)}, tmp_path / "ly.safetensors")
+    with pytest.raises(AdapterError, match=rf"ly\.safetensors: this is a {kind} \(LyCORIS\) network"):
+        read_adapter(tmp_path / "ly.safetensors")
+
+
+def test_a_checkpoint_is_not_a_lora(tmp_path):
+    save_file({"model.diffusion_model.out.2.weight": torch.ones(2)}, tmp_path / "ckpt.safetensors")
+    with pytest.raises(AdapterError, match=r"ckpt\.safetensors: not a LoRA file"):
+        read_adapter(tmp_path / "ckpt.safetensors")
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(pipe, tmp_path, monkeypatch):
+    w = random_adapter(pipe, preset="cross-attn")
+    target = tmp_path / "a.safetensors"
+    save_adapter(w, target)
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("sd_lora.adapter.os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(random_adapter(pipe, preset="cross-attn", seed=1), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_public_api_names():
+    for name in ("load_pipeline", "attach", "Adapters", "read_adapter", "save_adapter", "AdapterWeights"):
+        assert hasattr(sd_lora, name)
