@@ -1,0 +1,201 @@
+"""TrainConfig: every setting of a training run as one plain dataclass, plus its validation.
+
+Each field carries its command-line help, so `add_arguments` builds train/style.py's flags from this one table and
+the defaults live in exactly one place. Fields left as None are filled by `resolved()` from the others (token from
+the folder name, prompt from the token, ...); resolution and mixed precision depend on the model and the device, so
+the loop settles those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a flag, a folder). The CLI prints the message on one line and exits with code 2."""
+
+
+class ConfigError(UsageError):
+    """A setting has a bad value; the message names the flag."""
+
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_PROMPT = "an image in the style of {token}"
+DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
+
+CHOICES = {
+    "targets": ("cross-attn", "attn", "full"),
+    "optimizer": ("adamw", "adamw8bit"),
+    "lr_scheduler": ("constant", "cosine", "linear"),
+    "mixed_precision": ("auto", "fp16", "bf16", "no"),
+    "attention": ("sdpa", "xformers"),
+    "log_with": ("auto", "tensorboard", "none"),
+    "save_format": ("kohya", "diffusers"),
+}
+
+
+def _opt(default, help: str, type=None, **argparse_kwargs):
+    """A config field whose metadata says how it appears on the command line."""
+    return field(default=default, metadata={"help": help, "type": type, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    images: str = _opt("", "folder of training images, searched recursively (jpg, jpeg, png, webp, bmp)", str,
+                       required=True)
+    token: str | None = _opt(None, "trigger token (default: the images folder's name)", str)
+    prompt: str | None = _opt(None, f"caption for images without a .txt/.caption sidecar; {{token}} is replaced "
+                                    f"(default: '{DEFAULT_PROMPT}')", str)
+    class_prompt: str | None = _opt(None, "turns on prior preservation with this class prompt, e.g. 'a painting'",
+                                    str)
+    class_images: str | None = _opt(None, "folder of class images (default: <output>/class_images)", str)
+    num_class_images: int = _opt(100, "class images wanted; missing ones are generated with the base model", int)
+    prior_weight: float = _opt(1.0, "weight of the prior-preservation loss", float)
+    resolution: int | None = _opt(None, "training resolution, a multiple of 8 (default: the model's native size)",
+                                  int)
+    flip: bool = _opt(True, "random horizontal flips")
+    cache: bool = _opt(True, "cache latents (and text embeddings when the text encoder is frozen)")
+    cache_dir: str | None = _opt(None, "keep cached latents on disk in this folder instead of in RAM", str)
+    # Network
+    targets: str = _opt("cross-attn", "which modules get LoRA layers", str)
+    rank: int = _opt(4, "LoRA rank", int)
+    alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)", float)
+    text_encoder: bool = _opt(True, "also train the text encoder (--no-text-encoder trains the UNet only)")
+    # Optimisation
+    lr: float = _opt(1e-4, "UNet learning rate", float)
+    te_lr: float = _opt(5e-5, "text-encoder learning rate", float)
+    optimizer: str = _opt("adamw", "optimizer (adamw8bit needs the bnb extra and CUDA)", str)
+    lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", str)
+    warmup_steps: int = _opt(0, "linear warmup steps", int)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 turns clipping off)", float)
+    steps: int = _opt(1000, "optimizer steps", int)
+    epochs: int | None = _opt(None, "train for this many passes over the images instead of --steps", int)
+    batch_size: int = _opt(1, "images per batch", int)
+    grad_accum: int = _opt(1, "batches per optimizer step", int)
+    seed: int = _opt(0, "random seed; a CPU run with the same seed is reproducible bit for bit", int)
+    min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (e.g. 5); off by default", float)
+    noise_offset: float = _opt(0.0, "noise offset (e.g. 0.05); 0 turns it off", float)
+    # Precision and memory
+    mixed_precision: str = _opt("auto", "auto: fp16 on CUDA, no on CPU", str)
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    attention: str = _opt("sdpa", "attention implementation (xformers must be installed)", str)
+    # Samples, logs, checkpoints, output
+    sample_every: int = _opt(250, "make sample images every N steps (0: only at the end)", int)
+    sample_prompts: tuple[str, ...] | None = _opt(None, "prompts for sample images (default: two prompts with the token)",
+                                            str, nargs="+")
+    log_with: str = _opt("auto", "auto: TensorBoard when it is installed", str)
+    save_every: int = _opt(250, "save a resumable checkpoint every N steps (0: only at the end)", int)
+    keep_checkpoints: int = _opt(3, "how many of the newest checkpoints to keep", int)
+    resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", str)
+    output: str | None = _opt(None, "output folder (default: output/<name>)", str)
+    name: str | None = _opt(None, "adapter name, used for the file name (default: the token)", str)
+    save_format: str = _opt("kohya", "kohya is always written; diffusers also writes the diffusers format", str)
+    dataset_metadata: bool = _opt(True, "store caption tag counts (ss_tag_frequency) in the adapter file; "
+                                        "--no-dataset-metadata keeps captions private")
+    overwrite: bool = _opt(False, "replace an output folder that holds a different run")
+    model: str = _opt(DEFAULT_MODEL, "base model: hub id, diffusers folder, single .safetensors file, or 'tiny'",
+                      str)
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first bad value; return self so calls chain."""
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{_flag(name)}: unknown value {value!r} (choose from {', '.join(choices)})")
+        if not str(self.images).strip():
+            raise ConfigError("--images: a folder of training images is required")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "num_class_images", "keep_checkpoints"):
+            _require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        for name in ("lr", "te_lr"):
+            _require(self, name, getattr(self, name) > 0, "must be greater than 0")
+        for name in ("warmup_steps", "sample_every", "save_every", "seed", "noise_offset", "prior_weight",
+                     "max_grad_norm"):
+            _require(self, name, getattr(self, name) >= 0, "must not be negative")
+        for name in ("alpha", "epochs", "min_snr_gamma"):
+            value = getattr(self, name)
+            _require(self, name, value is None or value > 0, "must be greater than 0")
+        if self.resolution is not None:
+            _require(self, "resolution", self.resolution > 0 and self.resolution % 8 == 0,
+                     "must be a positive multiple of 8")
+        for name in ("token", "name"):
+            value = getattr(self, name)
+            _require(self, name, value is None or value.strip() != "", "must not be empty")
+        if self.name is not None:
+            _require(self, "name", not any(c in self.name for c in '/\\:*?"<>|'),
+                     "must be usable as a file name (no / \\ : * ? \" < > |)")
+        if self.sample_prompts is not None:
+            _require(self, "sample_prompts", all(p.strip() for p in self.sample_prompts),
+                     "must not contain an empty prompt")
+        if self.class_images is not None and self.class_prompt is None:
+            raise ConfigError("--class-images: needs --class-prompt (prior preservation is off without it)")
+        if self.class_prompt is not None:
+            _require(self, "class_prompt", self.class_prompt.strip() != "", "must not be empty")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--resume and --overwrite cannot be used together")
+        return self
+
+    def resolved(self) -> TrainConfig:
+        """A validated copy with the derived defaults filled in: token, prompt, alpha, name, output, class images,
+        sample prompts. Resolution and mixed precision stay as given (they depend on the model and device)."""
+        self.validate()
+        token = (self.token or Path(self.images).expanduser().resolve().name).strip()
+        name = self.name or _safe_name(token)
+        output = self.output or str(Path("output") / name)
+        prompts = self.sample_prompts or DEFAULT_SAMPLE_PROMPTS
+        return dataclasses.replace(
+            self,
+            token=token,
+            prompt=(self.prompt or DEFAULT_PROMPT).replace("{token}", token),
+            alpha=float(self.rank) if self.alpha is None else self.alpha,
+            name=name,
+            output=output,
+            class_images=(self.class_images or str(Path(output) / "class_images")) if self.class_prompt else None,
+            sample_prompts=tuple(p.replace("{token}", token) for p in prompts),
+        )
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.class_prompt is not None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(config: TrainConfig, name: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{_flag(name)}: {problem} (got {getattr(config, name)!r})")
+
+
+def _safe_name(token: str) -> str:
+    """A file-name-safe adapter name from a token (folder names may hold spaces or separators)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in token).strip("._")
+    return cleaned or "lora"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one flag per TrainConfig field (`--te-lr` for te_lr; booleans get --x/--no-x)."""
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        kind = meta.pop("type")
+        if kind is None:  # a boolean switch
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+            continue
+        default_note = "" if f.default in (None, "") or "default" in help_text else f" (default: {f.default})"
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                            help=help_text + default_note, **meta)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig for parsed flags (not yet validated)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["sample_prompts"] is not None:
+        values["sample_prompts"] = tuple(values["sample_prompts"])
+    return TrainConfig(**values)

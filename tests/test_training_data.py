@@ -1,0 +1,328 @@
+"""sd_lora.training.data: what a user sees when they point the trainer at a folder of images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_lora.training import data
+from sd_lora.training.data import (
+    BucketSampler,
+    DatasetError,
+    LatentCache,
+    LiveLatents,
+    TextCache,
+    assign_buckets,
+    bucket_counts,
+    encode_text,
+    generate_class_images,
+    load_image,
+    make_buckets,
+    nearest_bucket,
+    pixels,
+    read_caption,
+    sample_latents,
+    scan_images,
+    tag_frequency,
+    tokenize,
+    with_token,
+)
+
+PROMPT = "an image in the style of mozart"
+
+
+def _png16(array: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB)."""
+    height, width = array.shape[:2]
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _exif_rotated_jpeg(path):
+    """A 40x20 red-left/blue-right JPEG whose EXIF says 'rotate 90° clockwise to view' (orientation 6)."""
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, format="JPEG", exif=exif, quality=95)
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """A folder with every kind of image and every kind of bad file; returns (folder, expectations)."""
+    root = tmp_path / "mozart_art"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    Image.new("RGB", (100, 60), (200, 10, 10)).save(root / "a.png")
+    (root / "a.txt").write_text("a red\nsquare  on a wall\n")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(root / "b.JPG")
+    (root / "b.caption").write_text("mozart, a green field")
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))
+    rgba.save(root / "sub" / "c.PNG")
+    Image.new("L", (48, 48), 100).save(root / "sub" / "deeper" / "d.jpeg")
+    Image.new("RGB", (30, 30), (10, 20, 200)).convert("P").save(root / "e.bmp")
+    Image.new("RGB", (40, 40), (120, 60, 30)).save(root / "f.webp")
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(root / "g.png", transparency=1)
+    Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(root / "h_cmyk.jpg")
+    (root / "i_gray16.png").write_bytes(_png16(np.full((8, 8), 40000, np.uint16), 0))
+    (root / "j_rgb16.png").write_bytes(_png16(np.full((8, 8, 3), [65535, 0, 32896], np.uint16), 2))
+    _exif_rotated_jpeg(root / "k_rotated.jpg")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG")
+    (root / "corrupt.png").write_bytes(buffer.getvalue()[:60])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "fake.png").write_text("this is not a png")
+    (root / "notes.txt").write_text("remember to add more images")
+    (root / "readme.md").write_text("# my dataset")
+    Image.new("RGB", (8, 8)).save(root / ".hidden.png")
+    Image.new("RGB", (8, 8)).save(root / ".thumbs" / "t.png")
+    return root
+
+
+def test_scan_finds_images_recursively_in_any_case_with_captions(messy, capsys):
+    records = scan_images(messy, caption=PROMPT, token="mozart")
+    names = [r.path.relative_to(messy).as_posix() for r in records]
+    assert names == ["a.png", "b.JPG", "e.bmp", "f.webp", "g.png", "h_cmyk.jpg", "i_gray16.png", "j_rgb16.png",
+                     "k_rotated.jpg", "sub/c.PNG", "sub/deeper/d.jpeg"]
+    captions = {r.path.name: r.caption for r in records}
+    assert captions["a.png"] == "mozart, a red square on a wall"  # sidecar, whitespace collapsed, token prepended
+    assert captions["b.JPG"] == "mozart, a green field"  # .caption sidecar already holds the token
+    assert captions["c.PNG"] == PROMPT  # no sidecar: the instance prompt, which holds the token
+    sizes = {r.path.name: r.size for r in records}
+    assert sizes["a.png"] == (100, 60) and sizes["k_rotated.jpg"] == (20, 40)
+
+
+def test_bad_files_get_one_warning_line_each_then_a_summary(messy, capsys):
+    lines = []
+    scan_images(messy, caption=PROMPT, token="mozart", warn=lines.append)
+    assert lines[:-1] == [
+        "warning: skipped corrupt.png: corrupt image (" + lines[0].split("(", 1)[1],
+        "warning: skipped fake.png: not an image (its contents are not a known image format)",
+        "warning: skipped notes.txt: not an image (a caption file with no image named notes.*)",
+        "warning: skipped readme.md: unsupported file type (use jpg, jpeg, png, webp, bmp)",
+        "warning: skipped zero.jpg: empty file (0 bytes)",
+    ]
+    assert lines[-1] == ("warning: skipped 5 of 16 files (1 corrupt image, 1 empty file, 2 not an image, "
+                         "1 unsupported file type); using 11 images")
+    assert all("\n" not in line for line in lines)
+    scan_images(messy, caption=PROMPT, token="mozart")  # the default warns on stderr
+    assert capsys.readouterr().err.count("warning: skipped") == 6
+
+
+def test_images_are_normalised_to_upright_8bit_rgb(messy):
+    loaded = {p.name: load_image(p) for p in messy.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg",
+                                                                                       ".bmp", ".webp")
+              and p.name not in ("corrupt.png", "fake.png", "zero.jpg")}
+    assert all(im.mode == "RGB" for im in loaded.values())
+    c = loaded["c.PNG"]
+    assert c.getpixel((4, 4)) == (0, 0, 255) and c.getpixel((28, 4)) == (255, 255, 255)  # RGBA on white
+    assert loaded["g.png"].getpixel((0, 0)) == (255, 255, 255)  # palette transparency on white
+    assert loaded["d.jpeg"].getpixel((5, 5)) == (100, 100, 100)  # grayscale
+    assert loaded["i_gray16.png"].getpixel((0, 0)) == (156, 156, 156)  # 16-bit scaled, not clipped to white
+    assert loaded["j_rgb16.png"].getpixel((0, 0)) == (255, 0, 128)
+    cmyk = loaded["h_cmyk.jpg"].getpixel((5, 5))
+    assert cmyk[0] > 200 and cmyk[1] < 50 and cmyk[2] < 50  # CMYK (0, 255, 255, 0) is red
+    rotated = loaded["k_rotated.jpg"]  # red was on the left; after a clockwise turn it is on top
+    assert rotated.size == (20, 40)
+    assert rotated.getpixel((10, 5))[0] > 200 and rotated.getpixel((10, 35))[2] > 200
+
+
+def test_empty_or_unusable_folders_raise_one_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        scan_images(tmp_path / "missing", caption=PROMPT)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="the folder is empty"):
+        scan_images(tmp_path / "empty", caption=PROMPT)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "fake.jpg").write_text("nope")
+    lines = []
+    with pytest.raises(DatasetError, match="no usable image among 2 files") as caught:
+        scan_images(bad, caption=PROMPT, warn=lines.append)
+    assert "\n" not in str(caught.value) and len(lines) == 3
+
+
+def test_captions_and_tokens():
+    assert with_token("a cat", "mozart") == "mozart, a cat"
+    assert with_token("a cat by Mozart", "mozart") == "a cat by Mozart"
+    assert with_token("a cat by mozartian", "mozart") == "mozart, a cat by mozartian"  # whole words only
+    assert with_token("", "mozart") == "mozart"
+    assert with_token("a cat", None) == "a cat"
+
+
+def test_empty_sidecar_falls_back_to_the_prompt(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_text("  \n")
+    (tmp_path / "x.caption").write_text("from the caption file")
+    assert read_caption(tmp_path / "x.png", PROMPT, "mozart") == "mozart, from the caption file"
+    (tmp_path / "x.caption").unlink()
+    assert read_caption(tmp_path / "x.png", PROMPT, "mozart") == PROMPT
+
+
+def test_tag_frequency(messy):
+    records = scan_images(messy, caption=PROMPT, token="mozart", warn=None)
+    freq = tag_frequency(records, messy)
+    assert freq["mozart_art"]["mozart"] == 2 and freq["mozart_art"][PROMPT] == 7
+    assert freq["sub"] == {PROMPT: 1} and freq["sub/deeper"] == {PROMPT: 1}
+
+
+@pytest.mark.parametrize("resolution,step", [(512, 64), (768, 64), (256, 64), (64, 8), (128, 8)])
+def test_buckets_respect_area_step_and_hold_the_square(resolution, step):
+    buckets = make_buckets(resolution)
+    assert (resolution, resolution) in buckets
+    assert all(w * h <= resolution**2 and w % step == 0 and h % step == 0 for w, h in buckets)
+    assert set(buckets) == {(h, w) for w, h in buckets}
+    assert nearest_bucket((1000, 1000), buckets) == (resolution, resolution)
+
+
+def test_images_land_in_the_bucket_of_their_aspect_ratio_resized_and_center_cropped(tmp_path):
+    wide = Image.new("RGB", (500, 200), (255, 0, 0))  # 2.5:1 -> the 96x40 bucket (2.4:1), 10 px cut each side
+    wide.paste((0, 255, 0), (0, 0, 8, 200))  # so a green strip at the left edge is cropped away
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (60, 132), (0, 0, 255)).save(tmp_path / "tall.png")
+    records = assign_buckets(scan_images(tmp_path, caption=PROMPT, warn=None), 64)
+    by_name = {r.path.name: r for r in records}
+    assert by_name["wide.png"].bucket == (96, 40) and by_name["tall.png"].bucket == (40, 88)
+    assert nearest_bucket((400, 200), make_buckets(512)) == (704, 320)  # 2.2:1, the closest to 2:1
+    crop = pixels(by_name["wide.png"])
+    assert crop.shape == (3, 40, 96) and crop.dtype == torch.float32
+    assert crop.min() >= -1 and crop.max() <= 1
+    assert torch.allclose(crop[:, :, 0], torch.tensor([1.0, -1.0, -1.0])[:, None])  # red, no green strip
+    assert torch.equal(pixels(by_name["wide.png"], flip=True), crop.flip(-1))
+    assert bucket_counts(records) == {(40, 88): 1, (96, 40): 1}
+
+
+def test_sampler_batches_come_from_one_bucket_and_are_reproducible():
+    buckets = [(64, 64)] * 5 + [(88, 40)] * 3 + [(40, 88)]
+    sampler = BucketSampler(buckets, batch_size=2, seed=7)
+    assert len(sampler) == 3 + 2 + 1
+    epoch = sampler.epoch(0)
+    assert sorted(i for batch in epoch for i, _ in batch) == list(range(9))
+    assert all(len({buckets[i] for i, _ in batch}) == 1 for batch in epoch)
+    assert epoch == BucketSampler(buckets, batch_size=2, seed=7).epoch(0)
+    assert epoch != sampler.epoch(1) and epoch != BucketSampler(buckets, batch_size=2, seed=8).epoch(0)
+    flips = [f for e in range(4) for batch in sampler.epoch(e) for _, f in batch]
+    assert 0 < sum(flips) < len(flips)
+    assert not any(f for batch in BucketSampler(buckets, 2, flip=False).epoch(0) for _, f in batch)
+
+    stream = sampler.iterate()
+    first = [next(stream) for _ in range(20)]
+    resumed = sampler.iterate(start=13)
+    assert [next(resumed) for _ in range(7)] == first[13:]
+    shards = [BucketSampler(buckets, 2, seed=7, rank=r, world_size=2).iterate() for r in range(2)]
+    interleaved = [next(shards[k % 2]) for k in range(20)]
+    assert interleaved == first
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import sd_lora
+
+    return sd_lora.load_pipeline("tiny")
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "square.png")
+    Image.fromarray(rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(folder / "wide.png")
+    return assign_buckets(scan_images(folder, caption=PROMPT, warn=None), 64)
+
+
+def test_cached_latents_equal_fresh_encodes(tiny, two_images, tmp_path, monkeypatch):
+    keys = [(0, False), (0, True), (1, True)]
+    live = LiveLatents(two_images, tiny.vae)
+    ram = LatentCache(two_images, tiny.vae, flip=True)
+    assert torch.equal(ram.params(keys[:2]), live.params(keys[:2]))
+    assert torch.equal(ram.params(keys[2:]), live.params(keys[2:]))
+    assert ram.params(keys[:1]).shape == (1, 8, 8, 8)
+
+    disk = LatentCache(two_images, tiny.vae, flip=True, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary files left
+    calls = []
+    monkeypatch.setattr(data, "encode_pixels", lambda *a: calls.append(a) or torch.zeros(1))
+    again = LatentCache(two_images, tiny.vae, flip=True, cache_dir=tmp_path / "cache")
+    assert calls == []  # a second run reads the disk cache instead of encoding
+    monkeypatch.undo()
+    for key in keys:
+        assert torch.equal(again.params([key]), disk.params([key]))
+        assert torch.equal(again.params([key]), ram.params([key]))
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sample_latents(ram.params(keys[:2]), tiny.vae.config, g1)
+    b = sample_latents(live.params(keys[:2]), tiny.vae.config, g2)
+    assert torch.equal(a, b)
+    mean = sample_latents(ram.params(keys[:1]), tiny.vae.config, sample=False)
+    assert torch.allclose(mean, ram.params(keys[:1])[:, :4] * tiny.vae.config.scaling_factor)
+
+
+def test_disk_cache_notices_a_changed_image(tiny, two_images, tmp_path):
+    LatentCache(two_images, tiny.vae, flip=False, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(two_images[0].path)
+    fresh = LatentCache(two_images, tiny.vae, flip=False, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    assert torch.equal(fresh.params([(0, False)]), LiveLatents(two_images, tiny.vae).params([(0, False)]))
+    with pytest.raises(KeyError):
+        fresh.params([(0, True)])
+
+
+def test_text_cache_equals_fresh_encodes(tiny):
+    captions = ["mozart, a red square", PROMPT, "mozart, a red square"]
+    cache = TextCache(captions, tiny.tokenizer, tiny.text_encoder)
+    assert len(cache) == 2
+    with torch.no_grad():
+        fresh = encode_text(tiny.text_encoder, tokenize(tiny.tokenizer, [PROMPT]))
+    assert torch.equal(cache([PROMPT]), fresh)
+    assert cache(captions).shape == (3, tiny.tokenizer.model_max_length, 64)
+    long = "mozart, " + "a very long caption " * 30
+    assert data.truncated_captions(tiny.tokenizer, [PROMPT, long, long]) == [long]
+
+
+def test_class_images_are_generated_and_an_interrupted_run_resumes_to_the_same_files(tiny, tmp_path):
+    steps = {"num_inference_steps": 2, "resolution": 64, "seed": 5}
+    whole = tmp_path / "whole"
+    written = generate_class_images(whole, "a painting", 3, tiny, **steps)
+    assert [p.name for p in written] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise Interrupt
+        calls.append(1)
+        return tiny(*args, **kwargs)
+
+    part = tmp_path / "part"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(part.mkdir() or part / "mine.jpg")  # a user's own class image
+    with pytest.raises(Interrupt):
+        generate_class_images(part, "a painting", 4, dies_after_one, **steps)
+    assert sorted(p.name for p in part.iterdir()) == ["class-00000.png", "mine.jpg"]  # no half-written file
+    resumed = generate_class_images(part, "a painting", 4, tiny, **steps)
+    assert [p.name for p in resumed] == ["class-00001.png", "class-00002.png"]
+    for name in ("class-00000.png", "class-00001.png", "class-00002.png"):
+        assert (part / name).read_bytes() == (whole / name).read_bytes()
+    assert generate_class_images(part, "a painting", 4, tiny, **steps) == []  # nothing missing
+    records = scan_images(part, caption="a painting", warn=None)
+    assert len(records) == 4 and {r.caption for r in records} == {"a painting"}

@@ -1,0 +1,45 @@
+"""Train a style LoRA on a folder of images:
+
+    accelerate launch train/style.py --images ./mozart_art --rank 4
+
+Thin on purpose: flags -> sd_lora.training.TrainConfig -> sd_lora.training.train. Bad flags and bad input get one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sd_lora.training.config import UsageError, add_arguments, config_from_args
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage plus the error; one line is easier to read in logs
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse(argv: list[str] | None = None):
+    """Flags -> a validated TrainConfig (raises UsageError on a bad value)."""
+    parser = _Parser(prog="style.py", description="Train a style LoRA (DreamBooth-style) on a folder of images.")
+    return config_from_args(add_arguments(parser).parse_args(argv)).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse(argv)
+        from sd_lora.training import train
+
+        train(config)
+    except UsageError as e:
+        print(f"style.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
