@@ -217,15 +217,16 @@ class Adapters:
 
     def route(self, samples: list | None) -> contextlib.AbstractContextManager:
         """Per-sample adapters for the coming batches: one entry per image, each None (base), an adapter name (at
-        its current weight) or a {name: weight} dict. route(None) clears it; `with lora.route([...]):` clears on exit."""
+        its current weight) or a {name: weight} dict, where a weight may be {"unet": w, "text_encoder": w}.
+        route(None) clears it; `with lora.route([...]):` clears on exit."""
         if self.merged and samples is not None:
             raise RuntimeError("per-sample routing needs unmerged weights: call unmerge() first")
         for part, blend in self.blends.items():
-            blend.route = None if samples is None else [self._route_entry(s, blend) for s in samples]
+            blend.route = None if samples is None else [self._route_entry(s, blend, part) for s in samples]
             blend.bump()
         return _Clear(self)
 
-    def _route_entry(self, sample, blend: Blend) -> dict[str, float]:
+    def _route_entry(self, sample, blend: Blend, part: str) -> dict[str, float]:
         if sample is None:
             return {}
         if isinstance(sample, str):
@@ -234,7 +235,7 @@ class Adapters:
         if isinstance(sample, dict):
             for n in sample:
                 self._check_name(n)
-            return {n: float(w) for n, w in sample.items()}
+            return {n: self._part_weight(n, w, part) for n, w in sample.items()}
         raise TypeError(f"route entries are None, an adapter name or a {{name: weight}} dict, not {sample!r}")
 
     @contextlib.contextmanager

@@ -101,6 +101,14 @@ def test_route_gives_each_image_its_adapter(tmp_path):
     assert all(b.route is None for b in lora.blends.values())
 
 
+def test_route_entry_with_per_part_weights(pipe, tmp_path):
+    lora = _loaded(pipe, tmp_path, mode="live")
+    lora.route([{"mozart": {"unet": 0.5, "text_encoder": 0.25}}, None])
+    assert lora.blends["unet"].route == [{"mozart": 0.5}, {}]
+    assert lora.blends["text_encoder"].route == [{"mozart": 0.25}, {}]
+    lora.route(None)
+
+
 def test_remove_and_detach_restore_the_pipeline(pipe, tmp_path):
     base = unet_out(pipe)
     original = _state(pipe)
