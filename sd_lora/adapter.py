@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from sd_lora.formats import detect
@@ -49,19 +49,23 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
             raise AdapterError(f"{where}: pickle files ({path.suffix}) can run code when loaded and are refused; "
                                "convert it to .safetensors, or pass allow_pickle=True if you trust its source")
         return _load_pickle(path), {}
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise AdapterError(f"{where}: not a safetensors file ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or header_len > 100_000_000:
-        hint = " (it looks like a pickle)" if data[:2] in (b"PK", b"\x80\x02", b"\x80\x04") else ""
-        raise AdapterError(f"{where}: not a safetensors file, or truncated: the header claims {header_len} bytes "
-                           f"but the file has {len(data)}{hint}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if len(head) < 8 or header_len > size - 8 or header_len > 100_000_000:
+            hint = " (it looks like a pickle)" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04") else ""
+            detail = f"{size} bytes" if len(head) < 8 else f"the header claims {header_len} bytes but the file has {size}"
+            raise AdapterError(f"{where}: not a safetensors file, or truncated: {detail}{hint}")
+        raw_header = f.read(header_len)
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(raw_header)
         metadata = dict(header.get("__metadata__") or {})
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if end != size - 8 - header_len:
+            raise ValueError(f"the tensors need {end} bytes after the header but the file has {size - 8 - header_len}")
+        tensors = st_load_file(str(path))  # memory-mapped: no extra copy of the file's bytes
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{where}: not a valid safetensors file, or truncated: {e}") from None
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
@@ -124,7 +128,12 @@ def standard_metadata(weights: AdapterWeights, path: Path) -> dict[str, str]:
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
-    keep = {k: v for k, v in weights.metadata.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
+    # Carry the adapter's own descriptive metadata (title, trigger phrase, training settings), never stale facts
+    # about its shape or format, which are recomputed above.
+    keep = {k: v for k, v in weights.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in md
+            or k in ("modelspec.title", "ss_output_name")}
+    keep.pop("sshs_model_hash", None)
+    keep.pop("sshs_legacy_hash", None)
     md.update(keep)
     return md
 
@@ -139,6 +148,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved adapter is an ordinary shareable file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -92,8 +92,8 @@ class LoRALayer(nn.Module):
                              f"expecting {want_down} / {want_up}")
         dtype = torch.float32 if trainable else self.base.weight.dtype
         device = self.base.weight.device
-        self.down[name] = nn.Parameter(down.detach().to(device, dtype).clone(), requires_grad=trainable)
-        self.up[name] = nn.Parameter(up.detach().to(device, dtype).clone(), requires_grad=trainable)
+        self.down[name] = nn.Parameter(down.detach().to(device, dtype, copy=True), requires_grad=trainable)
+        self.up[name] = nn.Parameter(up.detach().to(device, dtype, copy=True), requires_grad=trainable)
         self.alpha[name] = float(rank if alpha is None else alpha)
         self.dropout[name] = dropout
         self.blend.bump()
@@ -117,17 +117,13 @@ class LoRALayer(nn.Module):
         del self.down[name], self.up[name], self.alpha[name], self.dropout[name]
         self.blend.bump()
 
-    def delta(self, names: list[str] | None = None, weights: dict[str, float] | None = None) -> torch.Tensor:
-        """sum_i w_i (alpha_i/r_i) up_i @ down_i in fp32, shaped like the base weight."""
-        names = list(self.names if names is None else names)
-        w = weights if weights is not None else {n: self.blend.weight(n) for n in names}
-        names = [n for n in names if w.get(n, 0.0) != 0.0]
-        out_shape = self.base.weight.shape
-        if not names:
-            return torch.zeros(out_shape, dtype=torch.float32, device=self.base.weight.device)
-        down = torch.cat([self.down[n].detach().float().flatten(1) for n in names])
-        up = torch.cat([self.up[n].detach().float().flatten(1) * self._scale(n, w[n]) for n in names], dim=1)
-        return (up @ down).view(out_shape)
+    def delta(self) -> torch.Tensor:
+        """sum_i w_i (alpha_i/r_i) up_i @ down_i over the current blend, in fp32, shaped like the base weight."""
+        active = [n for n in self.names if self.blend.weight(n) != 0.0]
+        if not active:
+            return torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
+        down, up = self._fold_factors(active)
+        return (up @ down).view(self.base.weight.shape)
 
     def _scale(self, name: str, weight: float) -> float:
         return weight * self.alpha[name] / self.down[name].shape[0]
@@ -144,10 +140,26 @@ class LoRALayer(nn.Module):
         weight = self.base.weight
         if self.original is None:
             self.original = weight.detach().to("cpu", copy=True)
-        fused = self.original.to(weight.device, torch.float32) + self.delta()
+        active = [n for n in self.names if self.blend.weight(n) != 0.0]
         with torch.no_grad():
-            weight.copy_(fused.to(weight.dtype))
+            if not active:  # nothing to add: the original, bit for bit
+                weight.copy_(self.original.to(weight.device))
+            elif weight.dtype == torch.float32 and weight.device == self.original.device and weight.is_contiguous():
+                # one fused op writing straight into the weight: no temporaries the size of the weight
+                down, up = self._fold_factors(active)
+                torch.addmm(self.original.flatten(1), up, down, out=weight.data.view(weight.shape[0], -1))
+            else:
+                down, up = self._fold_factors(active)
+                fused = torch.addmm(self.original.to(weight.device, torch.float32).flatten(1), up, down)
+                weight.copy_(fused.view(weight.shape).to(weight.dtype))
         self.folded_version = self.blend.version
+
+    def _fold_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (down [R, in*k*k], up [out, R]) with each adapter's scale folded into its columns of up."""
+        down = torch.cat([self.down[n].detach().float().flatten(1) for n in names])
+        up = torch.cat([self.up[n].detach().float().flatten(1) * self._scale(n, self.blend.weight(n)) for n in names],
+                       dim=1)
+        return down, up
 
     def unfold(self) -> None:
         """Restore the original weight bit for bit."""

@@ -116,7 +116,7 @@ def test_truncated(tmp_path):
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.safetensors"
     p.write_bytes(b"")
-    with pytest.raises(AdapterError, match=r"empty\.safetensors: not a safetensors file \(0 bytes\)"):
+    with pytest.raises(AdapterError, match=r"empty\.safetensors: not a safetensors file, or truncated: 0 bytes"):
         read_adapter(p)
 
 
@@ -185,3 +185,14 @@ def test_save_is_atomic_and_leaves_no_temp_files(pipe, tmp_path, monkeypatch):
 def test_public_api_names():
     for name in ("load_pipeline", "attach", "Adapters", "read_adapter", "save_adapter", "AdapterWeights"):
         assert hasattr(sd_lora, name)
+
+
+def test_stale_shape_metadata_is_recomputed_but_descriptions_are_kept(pipe, tmp_path):
+    w = random_adapter(pipe, preset="cross-attn", rank=4, alphas=4.0)
+    w.metadata = {"ss_network_dim": "64", "ss_network_alpha": "32", "modelspec.title": "Mozart",
+                  "modelspec.trigger_phrase": "mozart", "ss_base_model_version": "sdxl_base_v1-0"}
+    path = save_adapter(w, tmp_path / "small.safetensors")
+    md = read_adapter(path).metadata
+    assert (md["ss_network_dim"], md["ss_network_alpha"], md["ss_base_model_version"]) == ("4", "4.0", "sd_v1")
+    assert md["modelspec.title"] == "Mozart" and md["modelspec.trigger_phrase"] == "mozart"
+    assert path.stat().st_mode & 0o044  # readable by others, like any saved file
