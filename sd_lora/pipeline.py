@@ -3,17 +3,28 @@
 `model` is "tiny" (the built-in offline model), a hub id, a diffusers pipeline folder, or a single-file checkpoint
 (.safetensors; .ckpt only with allow_pickle). The result is always a plain diffusers pipeline: sd_lora never
 subclasses it, so anything diffusers can do with it still works.
+
+Single files carry weights only; diffusers also needs the pipeline's configs (a local folder offline). They come from
+`config=`, else $SD_LORA_SINGLE_FILE_CONFIG, else the file's own header: checkpoints sd_lora writes embed their
+config files (`embedded_config`), so they load anywhere with no network and no extra folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
 
 TINY_DIR = Path(__file__).parent / "models" / "tiny"
 TINY_SEED = 0
+# Header key under which sd_lora's single-file checkpoints embed their diffusers config files (path -> text).
+EMBEDDED_CONFIG_KEY = "sd_lora.pipeline_config"
+_SAFE_CONFIG_PATH = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "unet/config.json": never absolute, never ".."
 
 
 class ModelLoadError(RuntimeError):
@@ -26,8 +37,11 @@ def tiny_dir() -> Path:
 
 
 def load_pipeline(model: str | os.PathLike = "tiny", device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, allow_pickle: bool = False):
-    """Load a Stable Diffusion pipeline from "tiny", a hub id, a diffusers folder or a single checkpoint file."""
+                  dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                  config: str | os.PathLike | None = None):
+    """Load a Stable Diffusion pipeline from "tiny", a hub id, a diffusers folder or a single checkpoint file.
+
+    `config`: a local diffusers folder of the same architecture, used for single-file checkpoints (see above)."""
     from diffusers import StableDiffusionPipeline
 
     name = str(model)
@@ -38,7 +52,7 @@ def load_pipeline(model: str | os.PathLike = "tiny", device: str | torch.device 
         if path.is_dir():
             pipe = _from_folder(StableDiffusionPipeline, path)
         elif path.is_file():
-            pipe = _from_single_file(StableDiffusionPipeline, path, allow_pickle)
+            pipe = _from_single_file(StableDiffusionPipeline, path, allow_pickle, config)
         elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or name.startswith((".", "/", "~")):
             raise ModelLoadError(f"{name}: no such file or folder")
         else:
@@ -94,19 +108,76 @@ def _from_folder(cls, path: Path):
         raise ModelLoadError(f"{path}: could not load the pipeline: {e}") from e
 
 
-def _from_single_file(cls, path: Path, allow_pickle: bool):
+def _from_single_file(cls, path: Path, allow_pickle: bool, config: str | os.PathLike | None = None):
     if path.suffix != ".safetensors" and not allow_pickle:
         raise ModelLoadError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors "
                              "or pass allow_pickle=True")
-    kwargs = {}
-    config = os.environ.get("SD_LORA_SINGLE_FILE_CONFIG")
+    with _config_folder(path, config) as folder:
+        kwargs = {"config": str(folder)} if folder else {}
+        try:
+            return cls.from_single_file(str(path), safety_checker=None, requires_safety_checker=False, **kwargs)
+        except Exception as e:
+            hint = "" if folder else (". Offline, pass config=<a local diffusers folder of the same architecture> "
+                                      "(or set SD_LORA_SINGLE_FILE_CONFIG)")
+            raise ModelLoadError(f"{path}: could not load the checkpoint: {e}{hint}") from e
+
+
+@contextlib.contextmanager
+def _config_folder(path: Path, config: str | os.PathLike | None):
+    """The diffusers config folder for a single file: the argument, the environment, or one rebuilt from the header."""
+    config = config or os.environ.get("SD_LORA_SINGLE_FILE_CONFIG")
     if config:
-        kwargs["config"] = config
+        if not Path(config).is_dir():
+            raise ModelLoadError(f"{config}: not a folder; config= must be a local diffusers pipeline folder")
+        yield Path(config)
+        return
+    files = _embedded_files(path)
+    if files is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="sd_lora_config_") as tmp:
+        for rel, text in files.items():
+            target = Path(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        yield Path(tmp)
+
+
+def _embedded_files(path: Path) -> dict[str, str] | None:
+    """Config files embedded in a safetensors header by `embedded_config`, or None when there are none."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return cls.from_single_file(str(path), safety_checker=None, requires_safety_checker=False, **kwargs)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: could not load the checkpoint: {e}. Offline, set "
-                             "SD_LORA_SINGLE_FILE_CONFIG to a local diffusers folder of the same architecture") from e
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+        files = json.loads(raw) if raw else None
+    except (OSError, ValueError, SafetensorError):  # an unreadable header is for diffusers to report
+        return None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and
+                                              _SAFE_CONFIG_PATH.fullmatch(k) and ".." not in k
+                                              for k, v in files.items()):
+        return None
+    return files
+
+
+def embedded_config(pipe) -> str:
+    """The pipeline's config files (model_index.json, component configs, tokenizer) as one JSON string.
+
+    Written into the header of single-file checkpoints we produce, so `load_pipeline` reads them back offline
+    without a config folder. A few tens of kB for the tiny model, about 2 MB with the full CLIP tokenizer."""
+    with tempfile.TemporaryDirectory(prefix="sd_lora_config_") as tmp:
+        root = Path(tmp)
+        pipe.save_config(root)
+        for name in ("unet", "vae", "scheduler"):
+            getattr(pipe, name).save_config(root / name)
+        if getattr(pipe, "text_encoder", None) is not None:
+            pipe.text_encoder.config.save_pretrained(root / "text_encoder")
+        if getattr(pipe, "tokenizer", None) is not None:
+            pipe.tokenizer.save_pretrained(root / "tokenizer")
+        files = {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+    return json.dumps(files, sort_keys=True)
 
 
 def _from_hub(cls, name: str):

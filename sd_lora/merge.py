@@ -1,0 +1,394 @@
+"""Offline LoRA algebra: blend adapters into one, resize by SVD, extract a LoRA from two checkpoints, and fold a
+weighted blend into a checkpoint (a diffusers folder or an original-SD single file).
+
+Every operation works on the exact update ΔW = up @ down · α/r of each module and never averages up and down
+separately (kohya's merge does, which adds cross terms and applies each weight squared). SVDs run on the thin
+factors (QR of up and downᵀ, then an r×r SVD), so they cost O((in+out)·r²) and never form ΔW, except in `extract`,
+where ΔW is all there is. The CLI and the UI both call these functions; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd_lora import checkpoint
+from sd_lora.formats import ldm
+from sd_lora.formats.detect import model_family
+from sd_lora.targets import PARTS, normalize, select
+from sd_lora.weights import AdapterError, AdapterWeights, LoRAModule
+
+Item = tuple  # (AdapterWeights, weight): weight is a float, or {"unet": w, "text_encoder": w} per part
+
+# UNet block layouts of the standard families: enough to translate LDM-named kohya keys with no model at hand.
+_SD_LAYOUT = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "layers_per_block": 2,
+              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+UNET_LAYOUTS = {"sd1": _SD_LAYOUT, "sd2": _SD_LAYOUT, "unknown": _SD_LAYOUT, "sdxl": {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "layers_per_block": 2,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "addition_embed_type": "text_time"}}
+# kohya's LoCon set, added to the transformer targets by `extract --conv-rank`: resnets and resamplers.
+_CONV_TARGETS = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)"
+
+
+# ---- reports --------------------------------------------------------------------------------------------------
+@dataclass
+class ModuleFit:
+    name: str
+    rank_before: int
+    rank_after: int
+    energy: float  # Σσ² of the scaled ΔW
+    kept: float  # share of it the new rank keeps
+
+    @property
+    def error(self) -> float:
+        """Relative Frobenius error ‖ΔW − ΔW_k‖ / ‖ΔW‖ = sqrt(1 − kept)."""
+        return math.sqrt(max(0.0, 1.0 - self.kept))
+
+
+@dataclass
+class FitReport:
+    """What an SVD truncation kept, per module and overall: answers "how much did resizing cost?"."""
+
+    modules: list[ModuleFit] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # extract: modules identical in both checkpoints
+
+    @property
+    def error(self) -> float:
+        total = sum(m.energy for m in self.modules)
+        lost = sum(m.energy * (1.0 - m.kept) for m in self.modules)
+        return math.sqrt(max(0.0, lost) / total) if total > 0 else 0.0
+
+    def summary(self) -> str:
+        if not self.modules:
+            return "no modules"
+        kept = sorted(m.kept for m in self.modules)
+        worst = max(self.modules, key=lambda m: m.error)
+        ranks = sorted({m.rank_after for m in self.modules})
+        return (f"{len(self.modules)} modules, rank {_span(sorted({m.rank_before for m in self.modules}))} -> "
+                f"{_span(ranks)}; energy kept min {kept[0]:.4f}, median {kept[len(kept) // 2]:.4f}; relative error "
+                f"{self.error:.4g} overall, worst {worst.error:.4g} ({worst.name})")
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}..{values[-1]}"
+
+
+# ---- naming and blending ------------------------------------------------------------------------------------------
+def part_weight(weight, part: str) -> float:
+    """An item's weight for one part: a float applies everywhere, a dict names "unet" and "text_encoder"."""
+    if isinstance(weight, dict):
+        return float(weight.get("unet" if part == "unet" else "text_encoder", 0.0))
+    return float(weight)
+
+
+def diffusers_named(w: AdapterWeights, unet_config: dict | None = None) -> AdapterWeights:
+    """The same adapter with LDM-named UNet modules renamed to diffusers paths, so files from different tools line
+    up module by module. Without a config, the family's standard layout (SD1.5's block counts for SD1/SD2) is used."""
+    if w.unet_naming != "ldm":
+        return w
+    config = unet_config or UNET_LAYOUTS[w.family]
+    modules = {}
+    for name, m in w.modules.items():
+        part, path = name.split(".", 1)
+        if part == "unet":
+            try:
+                path = ldm.unet_path_from_ldm(path, config)
+            except (KeyError, ValueError) as e:
+                raise AdapterError(f"{w.where()}: {e.args[0]}") from None
+        modules[f"{part}.{path}"] = m
+    return replace(w, modules=modules, unet_naming="diffusers")
+
+
+def blend_exact(items: list[Item], unet_config: dict | None = None) -> AdapterWeights:
+    """Σᵢ wᵢ·ΔWᵢ as one adapter, exactly: factors concatenated along the rank axis, each wᵢ·αᵢ/rᵢ folded into its up,
+    alpha = total rank (scale 1). A module one adapter lacks simply gets fewer columns."""
+    if not items:
+        raise AdapterError("no adapters to blend")
+    named = [(diffusers_named(w, unet_config), weight) for w, weight in items]
+    families = sorted({w.family for w, _ in named} - {"unknown"})
+    if len(families) > 1:
+        raise AdapterError(f"cannot blend adapters for different base models ({', '.join(families)})")
+    groups: dict[str, list[tuple[LoRAModule, float, str]]] = {}
+    for w, weight in named:
+        for name, m in w.modules.items():
+            s = part_weight(weight, name.split(".", 1)[0]) * m.scale
+            if s != 0.0:
+                groups.setdefault(name, []).append((m, s, w.where()))
+    if not groups:
+        raise AdapterError("every weight is 0: the blend is empty")
+    modules = {name: _concat(name, pairs) for name, pairs in groups.items()}
+    record = json.dumps([{"source": Path(w.source).name if w.source else "adapter", "weight": weight}
+                         for w, weight in items])
+    return AdapterWeights(modules, {"sd_lora.blend": record}, family=(families or ["unknown"])[0], format="kohya")
+
+
+def _concat(name: str, pairs: list[tuple[LoRAModule, float, str]]) -> LoRAModule:
+    conv = any(m.down.dim() == 4 for m, _, _ in pairs)
+    downs, ups = [], []
+    for m, s, where in pairs:
+        down, up = m.down.float(), m.up.float() * s
+        if conv and down.dim() == 2:  # the same 1x1 conv written as 2-D by one tool and 4-D by another
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if downs and (down.shape[1:] != downs[0].shape[1:] or up.shape[0] != ups[0].shape[0]):
+            raise AdapterError(f"{where}: {name}: down {tuple(m.down.shape)} / up {tuple(m.up.shape)} do not match "
+                               f"the other adapters' {tuple(downs[0].shape[1:])} / {ups[0].shape[0]} for this module")
+        downs.append(down)
+        ups.append(up)
+    down = torch.cat(downs)
+    return LoRAModule(down, torch.cat(ups, dim=1), float(down.shape[0]))
+
+
+# ---- SVD: spectra, resize, extract ------------------------------------------------------------------------------------
+def _thin_svd(m: LoRAModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD (U, S, Vh) of the unscaled up @ down (flattened to 2-D) from QR of the thin factors."""
+    qu, ru = torch.linalg.qr(m.up.float().flatten(1))
+    qd, rd = torch.linalg.qr(m.down.float().flatten(1).T)
+    u, s, vh = torch.linalg.svd(ru @ rd.T)
+    return qu @ u, s, vh @ qd.T
+
+
+def spectrum(m: LoRAModule) -> torch.Tensor:
+    """Singular values of the module's scaled ΔW, largest first."""
+    return _thin_svd(m)[1] * abs(m.scale)
+
+
+def rank_for_energy(s: torch.Tensor, share: float) -> int:
+    """The smallest k whose top-k singular values keep `share` of Σσ² (at least 1)."""
+    energy = s.double() ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(energy, 0) / total
+    return min(int((cumulative < share - 1e-9).sum()) + 1, len(s))
+
+
+def effective_rank(m: LoRAModule, share: float = 0.9) -> int:
+    return rank_for_energy(spectrum(m), share)
+
+
+def _truncate(u, s, vh, k: int, down_shape, up_shape, alpha: float) -> LoRAModule:
+    """Rank-k factors with √σ on each side, so up and down keep similar magnitudes (kinder to fp16)."""
+    root = s[:k].sqrt()
+    up = (u[:, :k] * root).reshape(up_shape[0], k, *up_shape[2:])
+    down = (root[:, None] * vh[:k]).reshape(k, *down_shape[1:])
+    return LoRAModule(down.contiguous(), up.contiguous(), alpha)
+
+
+def resize(w: AdapterWeights, rank: int | None = None, energy: float | None = None) -> tuple[AdapterWeights, FitReport]:
+    """Reduce each module's rank by SVD: to `rank`, or to the smallest rank keeping `energy` of Σσ². Alpha becomes
+    scale·k, so α/r (what a user's weight multiplies) is unchanged. A module already at or below the target rank is
+    kept as it is, bit for bit."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    modules, report = {}, FitReport()
+    for name, m in w.modules.items():
+        u, s, vh = _thin_svd(m)
+        k = min(rank if rank is not None else rank_for_energy(s, energy), len(s))
+        e2 = (s.double() * m.scale) ** 2
+        if k >= m.rank:
+            modules[name] = m
+            report.modules.append(ModuleFit(name, m.rank, m.rank, float(e2.sum()), 1.0))
+            continue
+        modules[name] = _truncate(u, s, vh, k, m.down.shape, m.up.shape, m.scale * k)
+        kept = float(e2[:k].sum() / e2.sum()) if float(e2.sum()) > 0 else 1.0
+        report.modules.append(ModuleFit(name, m.rank, k, float(e2.sum()), kept))
+    stale = ("ss_network_dim", "ss_network_alpha", "sshs_model_hash")  # recomputed when the file is written
+    metadata = {k: v for k, v in w.metadata.items() if k not in stale}
+    return replace(w, modules=modules, metadata=metadata), report
+
+
+def extract(base: dict, tuned: dict, rank: int, conv_rank: int | None = None, family: str = "unknown",
+            min_change: float = 1e-6) -> tuple[AdapterWeights, FitReport]:
+    """A LoRA approximating tuned − base. `base`/`tuned` map canonical module names to weights or zero-argument
+    loaders (so checkpoints stream one module at a time). Targets: kohya's transformer and text-encoder set; with
+    `conv_rank`, also the resnets and resamplers (kxk convs at conv_rank, their Linear/1x1 at rank). Modules whose
+    change is below `min_change`·‖W‖ (float rounding from a save/load round trip, not training) are skipped."""
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise ValueError("ranks must be at least 1")
+    modules, report = {}, FitReport()
+    for name in extract_targets(sorted(set(base) & set(tuned)), conv_rank is not None):
+        b, t = _get(base[name]), _get(tuned[name])
+        if b.shape != t.shape:
+            raise AdapterError(f"{name}: the checkpoints disagree on its shape ({tuple(b.shape)} vs {tuple(t.shape)})")
+        diff = t.float() - b.float()
+        if float(diff.norm()) <= min_change * float(b.float().norm()):
+            report.skipped.append(name)
+            continue
+        u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
+        k = min(conv_rank if diff.dim() == 4 and diff.shape[2:] != (1, 1) else rank, len(s))
+        up_shape = (diff.shape[0], k, 1, 1) if diff.dim() == 4 else (diff.shape[0], k)
+        modules[name] = _truncate(u, s, vh, k, diff.shape, up_shape, float(k))
+        e2 = s.double() ** 2
+        report.modules.append(ModuleFit(name, len(s), k, float(e2.sum()), float(e2[:k].sum() / e2.sum())))
+    if not modules:
+        raise AdapterError("the two checkpoints are identical on every LoRA target module: nothing to extract")
+    return AdapterWeights(modules, {}, family=family, format="kohya"), report
+
+
+def extract_targets(names: list[str], conv: bool) -> list[str]:
+    """Canonical module names that extract covers, in order."""
+    out = []
+    for part in PARTS:
+        paths = [n.split(".", 1)[1] for n in names if n.startswith(part + ".")]
+        chosen = set(select(paths, part, "full"))
+        if conv and part == "unet":
+            chosen |= {p for p in paths if re.fullmatch(_CONV_TARGETS, p)}
+        out += [f"{part}.{p}" for p in paths if p in chosen]
+    return out
+
+
+def _get(x) -> torch.Tensor:
+    return x() if callable(x) else x
+
+
+# ---- folding into models ---------------------------------------------------------------------------------------------
+def _fit_shape(m: LoRAModule, shape: torch.Size, name: str) -> None:
+    """ΔW must fill the weight: equal shapes, or equal up to trailing 1s (a 1x1 conv written as 2-D, or back)."""
+    got = (m.up.shape[0], *m.down.shape[1:])
+    squeeze = (lambda s: tuple(s[:2]) if all(d == 1 for d in s[2:]) else tuple(s))
+    if tuple(got) != tuple(shape) and squeeze(got) != squeeze(shape):
+        raise AdapterError(f"{name}: the LoRA update has shape {tuple(got)} but the model's weight is {tuple(shape)}")
+
+
+def merge_into_pipeline(pipe, items: list[Item]) -> int:
+    """Fold Σᵢ wᵢ·ΔWᵢ into the pipeline's UNet and text encoder in place, each weight summed in fp32 and cast once.
+    Every module is resolved and shape-checked before the first weight changes. Returns the number of weights merged."""
+    models = {p: m for p in PARTS if (m := getattr(pipe, p, None)) is not None}
+    family = model_family(pipe.unet)
+    for w, _ in items:
+        if w.family not in ("unknown", family):
+            raise AdapterError(f"{w.where()}: this adapter is for {w.family} but the model is {family}")
+    blended = blend_exact(items, dict(pipe.unet.config))
+    tables = {p: {normalize(n): mod for n, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+              for p, m in models.items()}
+    plan, unmatched = [], []
+    for name, m in blended.modules.items():
+        part, path = name.split(".", 1)
+        module = tables.get(part, {}).get(normalize(path))
+        if module is None:
+            unmatched.append(name)
+            continue
+        _fit_shape(m, module.weight.shape, name)
+        plan.append((module.weight, m))
+    _raise_unmatched(unmatched, len(blended.modules))
+    with torch.no_grad():
+        for weight, m in plan:
+            if weight.dtype == torch.float32:
+                add_delta(weight, m)
+            else:
+                weight.copy_(add_delta(weight.float(), m).to(weight.dtype))  # fp32 sum, cast once
+    return len(plan)
+
+
+def add_delta(weight: torch.Tensor, m: LoRAModule) -> torch.Tensor:
+    """weight += ΔW in place, as one fused GEMM-accumulate (addmm_): no ΔW-sized temporary, one pass over the
+    weight. `weight` must be fp32 and contiguous."""
+    weight.view(weight.shape[0], -1).addmm_(m.up.float().flatten(1), m.down.float().flatten(1), alpha=m.scale)
+    return weight
+
+
+def _raise_unmatched(unmatched: list[str], total: int) -> None:
+    if unmatched:
+        raise AdapterError(f"{len(unmatched)} of {total} LoRA modules match no weight of this model, e.g. "
+                           f"{', '.join(unmatched[:3])}; is an adapter made for another base model?")
+
+
+def merge_checkpoint(model: str | os.PathLike, items: list[Item], out: str | os.PathLike,
+                     dtype: torch.dtype | None = None, config: str | os.PathLike | None = None) -> Path:
+    """Fold a blend into checkpoint `model` and write `out`: a diffusers folder, or (`.safetensors`) an original-SD
+    single file. When `model` already is that kind of checkpoint (a single file, or a diffusers folder of
+    .safetensors files), it is edited in its own key space, streamed: the merged weights change, every other tensor
+    and the header metadata are copied byte for byte (unless `dtype` casts them all). Otherwise the model is loaded
+    with load_pipeline, merged in memory and written."""
+    out, src = Path(out), Path(str(model))
+    if out.suffix and out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the output is a folder (no suffix) or a .safetensors single file")
+    if out.suffix == ".safetensors" and src.suffix == ".safetensors" and src.is_file():
+        return merge_single_file(src, items, out, dtype)
+    if not out.suffix and is_plain_folder(src):
+        return merge_folder(src, items, out, dtype)
+    from sd_lora.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, config=config)
+    merge_into_pipeline(pipe, items)
+    if out.suffix:
+        return checkpoint.write_single_file(pipe, out, dtype, {"sd_lora.merged": _record(items)})
+    return checkpoint.write_folder(pipe, out, dtype)
+
+
+def _record(items: list[Item]) -> str:
+    return json.dumps([{"source": Path(w.source).name if w.source else "adapter", "weight": wt} for w, wt in items])
+
+
+# ---- checkpoint files, edited in their own key space ------------------------------------------------------------
+def merge_single_file(src: Path, items: list[Item], out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge into an original-SD single file in its own (LDM) key space, streaming one tensor at a time."""
+    header, _ = checkpoint.read_header(src)
+    unet_keys = [k[len(ldm.UNET_PREFIX):] for k in header if k.startswith(ldm.UNET_PREFIX)]
+    if not unet_keys:
+        raise ValueError(f"{src}: not an original-SD single-file checkpoint (no {ldm.UNET_PREFIX}* keys)")
+    layout = checkpoint.unet_layout_from_ldm(unet_keys)
+    blended = blend_exact(items, layout)
+    edits, unmatched = _edits(blended, list(blended.modules), header, lambda n: checkpoint.ldm_key(n, layout))
+    _raise_unmatched(unmatched, len(blended.modules))
+    return checkpoint.rewrite_safetensors(src, out, edits, dtype, {"sd_lora.merged": _record(items)})
+
+
+# The weight files a diffusers folder keeps its UNet and text encoder in (unsharded, no variant).
+FOLDER_WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+
+
+def is_plain_folder(path: Path) -> bool:
+    """A diffusers folder whose weights are all unsharded .safetensors: merge_folder can stream it."""
+    return (path.is_dir() and (path / "model_index.json").is_file() and
+            all((path / rel).is_file() for rel in FOLDER_WEIGHTS.values()) and
+            not any(f.suffix in (".bin", ".pt", ".ckpt", ".pth") or f.name.endswith(".index.json")
+                    for f in path.rglob("*")))
+
+
+def merge_folder(src: Path, items: list[Item], out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge into a diffusers folder without loading it: the UNet and text-encoder files are streamed with the blend
+    added, every other file is copied (or cast, with `dtype`)."""
+    config = json.loads((src / "unet" / "config.json").read_text())
+    blended = blend_exact(items, config)
+    edits, unmatched = {}, [n for n in blended.modules if n.split(".", 1)[0] not in FOLDER_WEIGHTS]
+    for part, rel in FOLDER_WEIGHTS.items():
+        header, _ = checkpoint.read_header(src / rel)
+        names = [n for n in blended.modules if n.split(".", 1)[0] == part]
+        edits[rel], missed = _edits(blended, names, header, lambda n, h=header: _folder_key(n, h))
+        unmatched += missed
+    _raise_unmatched(unmatched, len(blended.modules))
+    return checkpoint.rewrite_folder(src, out, edits, dtype, {"sd_lora.merged": _record(items)})
+
+
+def _folder_key(name: str, header: dict) -> str:
+    """The weight's key in a diffusers/transformers file; CLIP keys carry "text_model." or not, by version."""
+    key = name.split(".", 1)[1] + ".weight"
+    return "text_model." + key if name.startswith("text_encoder.") and "text_model." + key in header else key
+
+
+def _edits(blended: AdapterWeights, names: list[str], header: dict, key_of) -> tuple[dict, list[str]]:
+    """key -> edit adding the module's ΔW (fp32 sum, cast once by the writer), after checking each key exists and
+    fits; the names that match no key come back for one error. Nothing is written until every part is planned."""
+    edits, unmatched = {}, []
+    for name in names:
+        m, key = blended.modules[name], key_of(name)
+        if key not in header:
+            unmatched.append(name)
+            continue
+        if header[key]["dtype"] not in ("F32", "F16", "BF16", "F64"):
+            raise ValueError(f"{key} is stored as {header[key]['dtype']}; only float weights can be merged")
+        _fit_shape(m, torch.Size(header[key]["shape"]), name)
+        edits[key] = lambda t, m=m: add_delta(t.float(), m)  # read_tensor gives fresh memory: in place is safe
+    return edits, unmatched
