@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=DTYPES, default=None, help="default: keep the file's precision")
     c.set_defaults(run=cmd_convert)
 
-    u = sub.add_parser("ui", help="start the Gradio app (ui/app.py); other flags are passed to it")
+    u = sub.add_parser("ui", add_help=False, help="start the Gradio app (ui/app.py); every flag, --help too, goes to it")
     u.set_defaults(run=cmd_ui)
     return p
 

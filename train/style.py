@@ -3,7 +3,7 @@
     accelerate launch train/style.py --images ./mozart_art --rank 4
 
 Thin on purpose: flags -> sd_lora.training.TrainConfig -> sd_lora.training.train. Bad flags and bad input get one
-line on stderr and exit code 2.
+line on stderr and exit code 2; a run that cannot go on (the loss stayed NaN) gets one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_lora.training.config import UsageError, add_arguments, config_from_args
+from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"style.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # e.g. the loss stayed NaN: not the user's flags, but still one line
+        print(f"style.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

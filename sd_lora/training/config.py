@@ -22,6 +22,10 @@ class ConfigError(UsageError):
     """A setting has a bad value; the message names the flag."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss stayed NaN/Inf). The CLI prints the message on one line and exits with code 1."""
+
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PROMPT = "an image in the style of {token}"
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
