@@ -11,6 +11,7 @@ does): a name resolves when its `_`-joined form equals a module's. That makes ko
 
 from __future__ import annotations
 
+import functools
 import re
 
 from torch import nn
@@ -82,6 +83,7 @@ def module_table(model: nn.Module) -> dict[str, str]:
     return {normalize(name): name for name, m in model.named_modules() if is_target_module(m)}
 
 
+@functools.lru_cache(maxsize=8192)
 def stem_to_path(stem: str) -> str:
     """kohya stem (no prefix) -> dotted path, e.g. "down_blocks_0_attentions_0_proj_in" -> "down_blocks.0.attentions.0.proj_in"."""
     tokens = stem.split("_")

@@ -144,9 +144,10 @@ def test_half_a_pair(tmp_path):
         read_adapter(tmp_path / "half.safetensors")
 
 
-def test_nan(tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan(tmp_path, bad):
     t = _kohya()
-    t["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"][3, 1] = float("nan")
+    t["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"][3, 1] = bad
     save_file(t, tmp_path / "nan.safetensors")
     with pytest.raises(AdapterError, match=r"nan\.safetensors: unet\.mid_block\.attentions\.0\.proj_in: up contains "
                                            r"NaN or Inf"):
