@@ -48,7 +48,7 @@ def main() -> None:
     images = []
     for weights in ({}, {"mozart": 1.0}, {"ink": 1.0}, {"mozart": 0.6, "ink": 0.4}):
         lora.set_weights(weights)
-        image = pipe("a red circle on a blue background", num_inference_steps=20, height=64, width=64,
+        image = pipe("a red circle on a blue background", num_inference_steps=20, height=64, width=64, guidance_scale=2.0,
                      generator=torch.Generator().manual_seed(0)).images[0]
         images.append(image)
         print(f"generated with {weights or 'the base model'}")

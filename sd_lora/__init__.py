@@ -12,5 +12,17 @@ from sd_lora.pipeline import ModelLoadError, load_pipeline, tiny_dir
 from sd_lora.weights import AdapterError, AdapterWeights, LoRAModule
 
 __version__ = "0.1.0"
-__all__ = ["AdapterError", "AdapterInfo", "AdapterWeights", "Adapters", "LoRAModule", "ModelLoadError", "attach",
-           "load_pipeline", "read_adapter", "save_adapter", "tiny_dir", "__version__"]
+__all__ = [
+           "AdapterError",
+           "AdapterInfo",
+           "AdapterWeights",
+           "Adapters",
+           "LoRAModule",
+           "ModelLoadError",
+           "__version__",
+           "attach",
+           "load_pipeline",
+           "read_adapter",
+           "save_adapter",
+           "tiny_dir",
+]

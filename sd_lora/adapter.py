@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 from sd_lora.formats import detect
 from sd_lora.weights import AdapterError, AdapterWeights, LoRAModule
 
-__all__ = ["AdapterError", "AdapterWeights", "LoRAModule", "read_adapter", "save_adapter", "atomic_write_bytes"]
+__all__ = ["AdapterError", "AdapterWeights", "LoRAModule", "atomic_write_bytes", "read_adapter", "save_adapter"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ARCH = {"sd1": ("sd_v1", "stable-diffusion-v1/lora", 512), "sd2": ("sd_v2", "stable-diffusion-v2-768-v/lora", 768),

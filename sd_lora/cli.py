@@ -28,7 +28,7 @@ import torch
 
 from sd_lora import merge, report
 from sd_lora.adapter import atomic_write_bytes, read_adapter, save_adapter
-from sd_lora.pipeline import ModelLoadError
+from sd_lora.pipeline import ModelLoadError, default_guidance
 from sd_lora.weights import AdapterError, AdapterWeights
 
 UI_APP = Path(__file__).resolve().parents[1] / "ui" / "app.py"  # built by the UI issue; optional here
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--out", required=True, help="image file (.png, .jpg, .webp)")
     g.add_argument("--steps", type=_positive, default=20)
-    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2 for tiny, 7.5 otherwise)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=_size, default=None, metavar="WxH", help="default: the model's native size")
     g.set_defaults(run=cmd_generate)
@@ -227,6 +228,8 @@ def cmd_generate(a) -> int:
         weights[name] = weight
     lora.set_weights(weights)
     width, height = a.size or (None, None)
+    if a.cfg is None:
+        a.cfg = default_guidance(a.model)
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=a.steps, guidance_scale=a.cfg,
                  width=width, height=height, generator=torch.Generator().manual_seed(a.seed)).images[0]
     params = (f"{a.prompt}\nNegative prompt: {a.negative or ''}\nSteps: {a.steps}, CFG scale: {a.cfg}, "

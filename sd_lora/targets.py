@@ -54,7 +54,7 @@ def is_target_module(module: nn.Module) -> bool:
 
 
 def strip_text_model(path: str) -> str:
-    return path[len("text_model."):] if path.startswith("text_model.") else path
+    return path.removeprefix("text_model.")
 
 
 def preset_paths(model: nn.Module, part: str, preset: str) -> list[str]:

@@ -24,6 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr
 
 import sd_lora
+from sd_lora.pipeline import default_guidance
 from ui import api, catalog
 from ui.api import PROGRESS, notes, safely, tracker
 from ui.engine import LIMITS, Settings, Studio
@@ -61,7 +62,8 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
                     steps = gr.Slider(*LIMITS["steps"], value=20, step=1, label="Steps", elem_id="steps")
-                    cfg = gr.Slider(*LIMITS["guidance"], value=7.5, step=0.5, label="CFG scale")
+                    cfg = gr.Slider(*LIMITS["guidance"], value=default_guidance(studio.model_name), step=0.5,
+                                    label="CFG scale")
                 with gr.Row():
                     width = gr.Slider(*LIMITS["size"], value=studio.native_size, step=8, label="Width")
                     height = gr.Slider(*LIMITS["size"], value=studio.native_size, step=8, label="Height")

@@ -46,8 +46,7 @@ def _split(key: str) -> tuple[str, str, str] | None:
             break
     else:
         return None
-    if path.startswith(_PEFT_PREFIX):
-        path = path[len(_PEFT_PREFIX):]
+    path = path.removeprefix(_PEFT_PREFIX)
     head, _, rest = path.partition(".")
     if head in PARTS:
         part, path = head, rest
