@@ -224,7 +224,9 @@ def test_export_blend_writes_a_lora_that_sd_lora_and_diffusers_load(app, client)
         lora.load(app.adapters / f"{name}.safetensors", name=name)
     lora.set_weights({"mozart": 0.8, "ink": 0.6})
     sd_lora.attach(one).load(path, name="duo")
-    torch.testing.assert_close(unet_out(one), unet_out(blend), atol=2e-3, rtol=2e-3)  # fp16 file
+    # The file is fp16, so compare against the size of the blend's effect rather than an absolute tolerance.
+    effect = (unet_out(blend) - unet_out(sd_lora.load_pipeline("tiny"))).abs().max()
+    assert (unet_out(one) - unet_out(blend)).abs().max() <= 0.02 * effect
     peer = sd_lora.load_pipeline("tiny")
     peer.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name="duo")
     torch.testing.assert_close(unet_out(peer), unet_out(one), atol=1e-4, rtol=1e-4)
