@@ -1,0 +1,363 @@
+"""Training-step benchmark (issue 3): our LoRA training step (sd_lora.training.loop.Trainer.step, the code the trainer
+runs) against a reference step written the way diffusers' examples/dreambooth/train_dreambooth_lora.py trains, and
+against a full fine-tuning step of the same UNet. CPU, fp32, batch 1, AdamW, rank 4.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py                   # tiny, then SD1.5 architecture
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py --models tiny     # seconds
+
+Models: the built-in tiny model at its native 64 px, and the SD1.5 architecture (UNet ~860M, CLIP-L, SD1.5 VAE, all
+from their public configs with random weights) at 256 px, i.e. a 32x32 latent.
+
+What is timed, per optimizer step (images/s = 1 / seconds at batch 1):
+- ours, caching on: the default run (cross-attn preset: UNet attn2 q/k/v/out + CLIP self-attn q/k/v/out, text
+  encoder trained, so it runs every step): latents sampled from the cached VAE distribution.
+- ours, caching off: the same Trainer with the VAE encoding the image (read from disk) every step.
+- reference: the dreambooth-LoRA step with --train_text_encoder: image read and transformed, VAE encode, PEFT LoRA on
+  the same modules and rank (diffusers' add_adapter + LoraConfig, gaussian init), text encoder forward, UNet, MSE,
+  backward, clip_grad_norm_, AdamW, scheduler. It runs on a deep copy of the UNet (same weights), so ours and the
+  reference alternate step by step.
+- LoRA vs full fine-tuning, on equal inputs (cached latents and text embeddings): ours with --no-text-encoder against
+  a step that trains every UNet weight (on the UNet copy). Tiny: torch's fused AdamW. SD1.5: the same AdamW update applied to each weight as soon
+  as its gradient is ready (optimizer in backward) with the moments in a reused scratch buffer, because 860M weights'
+  gradients and AdamW moments (10 GB) do not fit next to the other jobs on this 24 GiB machine; it does the same
+  arithmetic per weight, skips gradient clipping and touches less memory than torch's AdamW, so if anything it flatters
+  the full step. Its gradient + optimizer memory is what a real full fine-tune holds: 12 bytes per weight (fp32
+  gradient, exp_avg, exp_avg_sq).
+
+Variants that are compared take turns step by step (the order rotating), after three warm-up steps each; numbers are
+medians, ratios medians of per-turn ratios (and, since interference from other jobs only ever slows a step down, the
+ratio of the fastest steps too). Goals: caching on >= 1.5x the reference's images/s, caching off >= 1.0x; LoRA step >= 1.25x faster
+than the full step with <= 1/3 of its gradient + optimizer memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import clip_l, machine, median, sd15_unet, setup
+from PIL import Image, ImageDraw
+
+import sd_lora
+from sd_lora.training import TrainConfig, loop, prepare
+from sd_lora.training.data import LiveLatents, assign_buckets, sample_latents, scan_images
+
+RANK = 4
+# The public SD1.5 (stable-diffusion-v1-5) VAE config.
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "block_out_channels": (128, 256, 512, 512), "act_fn": "silu", "sample_size": 512,
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "scaling_factor": 0.18215}
+
+
+def build(model: str):
+    """(pipeline, resolution in px): tiny at 64 px, or the SD1.5 architecture at 256 px (32x32 latent)."""
+    if model == "tiny":
+        return sd_lora.load_pipeline("tiny"), 64
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    tiny = sd_lora.load_pipeline("tiny")  # tokenizer (ids < 976 are valid CLIP-L ids) and scheduler config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**SD15_VAE).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip_l(), tokenizer=tiny.tokenizer, unet=sd15_unet(),
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, 256
+
+
+def make_images(folder: Path, size: int, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (size, size), (235, 225, 200))
+        ImageDraw.Draw(image).ellipse((size // 5 + i, size // 4, size // 2 + i, size * 3 // 4), fill=(40 * i, 70, 200))
+        image.save(folder / f"img_{i}.png")
+    return folder
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+class Ours:
+    """Our Trainer on the pipeline, as train/style.py builds it; `step(cached)` is one optimizer step."""
+
+    def __init__(self, pipe, folder: Path, resolution: int, out: Path, text_encoder: bool = True):
+        cfg = TrainConfig(images=str(folder), model="bench", output=str(out), rank=RANK, flip=False, steps=10**6,
+                          text_encoder=text_encoder, sample_every=0, save_every=0, log_with="none").resolved()
+        records = assign_buckets(scan_images(folder, cfg.prompt, cfg.token, warn=None), resolution)
+        self.trainer = loop.Trainer(cfg, pipe, records, [], prepare.make_accelerator(cfg, notice=False), resolution)
+        self.cached, self.live = self.trainer.latents, LiveLatents(records, pipe.vae)
+
+    def step(self, cached: bool = True) -> float:
+        self.trainer.latents = self.cached if cached else self.live
+        return self.trainer.step()
+
+    def memory(self) -> int:
+        """Bytes of gradients (one per trainable weight) plus AdamW state."""
+        grads = sum(p.numel() * p.element_size() for p in self.trainer.params)
+        return grads + _state_bytes(self.trainer.optimizer.optimizer)
+
+    def close(self) -> None:
+        self.trainer.lora.detach()
+        reset_accelerate()
+
+
+class Reference:
+    """One step as diffusers' train_dreambooth_lora.py takes it with --train_text_encoder (CPU: no accelerator
+    wrapping, which is the identity there): read + transform the image, VAE-encode, tokenize, PEFT LoRA forward,
+    backward, clip, AdamW, scheduler."""
+
+    def __init__(self, pipe, unet, folder: Path, resolution: int, prompt: str, train_text_encoder: bool = True):
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+
+        self.pipe, self.unet, self.vae, self.size = pipe, unet, pipe.vae, resolution
+        self.text_encoder = copy.deepcopy(pipe.text_encoder)  # before ours puts LoRA layers into the original
+        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                         target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+        if train_text_encoder:
+            self.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            self.text_encoder.train()
+        self.unet.train()
+        self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": 1e-4}]
+        if train_text_encoder:
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": 5e-5})
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.files, self.prompt, self.index = sorted(folder.glob("*.png")), prompt, 0
+
+    def batch(self):
+        """DreamBoothDataset.__getitem__: open, RGB, Resize (bilinear), CenterCrop, ToTensor, Normalize; tokenize."""
+        image = Image.open(self.files[self.index % len(self.files)]).convert("RGB")
+        self.index += 1
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ids = self.pipe.tokenizer(self.prompt, truncation=True, padding="max_length",
+                                  max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return ((pixels - 0.5) / 0.5)[None], ids
+
+    def step(self) -> float:
+        pixel_values, input_ids = self.batch()
+        model_input = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(model_input)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (model_input.shape[0],))
+        noisy_model_input = self.noise_scheduler.add_noise(model_input, noise, timesteps)
+        encoder_hidden_states = self.text_encoder(input_ids)[0]
+        model_pred = self.unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        return loss.item()
+
+    def close(self) -> None:
+        self.unet.unload_lora()
+        self.unet.eval()
+        del self.text_encoder
+
+
+class FullFineTune:
+    """A step that trains every UNet weight on the same cached latents and text embedding as ours. `in_backward`:
+    apply AdamW to each weight as its gradient arrives, moments in scratch buffers (see the module docstring)."""
+
+    def __init__(self, pipe, unet, latents, text, in_backward: bool):
+        from diffusers import DDPMScheduler
+
+        self.unet, self.vae_config, self.latents, self.text = unet, pipe.vae.config, latents, text
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.params = [p for p in self.unet.parameters()]
+        self.unet.requires_grad_(True).train()
+        self.generator, self.hooks, self.optimizer, self.t = torch.Generator().manual_seed(0), [], None, 0
+        if in_backward:
+            biggest = max(p.numel() for p in self.params)
+            self.m, self.v = torch.zeros(biggest), torch.zeros(biggest)
+            self.hooks = [p.register_post_accumulate_grad_hook(self._adamw) for p in self.params]
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=1e-2, fused=True)
+
+    def _adamw(self, p, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2) -> None:
+        """torch's single-tensor AdamW update, then the gradient is freed."""
+        with torch.no_grad():
+            g, n = p.grad, p.numel()
+            m, v = self.m[:n].view_as(p), self.v[:n].view_as(p)
+            step = self.t + 1
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - betas[0])
+            v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+            denom = (v.sqrt() / (1 - betas[1] ** step) ** 0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - betas[0] ** step))
+        p.grad = None
+
+    def step(self) -> float:
+        latents = sample_latents(self.latents, self.vae_config, self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=self.generator)
+        pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=self.text).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        if self.optimizer is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.t += 1 if self.hooks else 0
+        return loss.item()
+
+    def memory(self) -> int:
+        if self.optimizer is None:  # what a real full fine-tune holds: fp32 gradient + exp_avg + exp_avg_sq
+            return sum(p.numel() for p in self.params) * 12
+        return sum(p.numel() * p.element_size() for p in self.params) + _state_bytes(self.optimizer)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.unet.requires_grad_(False).eval()
+        for p in self.params:
+            p.grad = None
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def timed(fn, times: list) -> None:
+    gc.collect()
+    start = time.perf_counter()
+    loss = fn()
+    times.append(time.perf_counter() - start)
+    assert np.isfinite(loss), f"non-finite loss {loss}"
+
+
+def interleaved(variants: dict, steps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """`warmup` untimed rounds, then `steps` rounds in which every variant takes one step, the order rotating. The
+    first steps of a process are several times slower (allocator, page faults, kernel set-up), hence the warm-up."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times = {name: [] for name in names}
+    for i in range(steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            timed(variants[name], times[name])
+    return times
+
+
+def bench(model: str, steps: int, work: Path) -> dict:
+    pipe, resolution = build(model)
+    twin = copy.deepcopy(pipe.unet)  # the peers' UNet: same weights, so ours and theirs can alternate step by step
+    folder = make_images(work / f"{model}_images", resolution, n=2)
+    in_backward = model != "tiny"
+
+    ref = Reference(pipe, twin, folder, resolution, f"an image in the style of {folder.name}")
+    ours = Ours(pipe, folder, resolution, work / "out")
+    t = interleaved({"cached": lambda: ours.step(True), "live": lambda: ours.step(False), "reference": ref.step},
+                    steps)
+    mem = {"ours": ours.memory()}
+    ours.close()
+    ref.close()
+
+    ref_unet = Reference(pipe, twin, folder, resolution, f"an image in the style of {folder.name}",
+                         train_text_encoder=False)
+    lora_unet = Ours(pipe, folder, resolution, work / "out_unet", text_encoder=False)
+    t |= interleaved({"lora_unet": lora_unet.step, "reference_unet": ref_unet.step}, steps)
+    ref_unet.close()
+    latents = lora_unet.cached.params([(0, False)])
+    text = lora_unet.trainer.texts([lora_unet.trainer.records[0].caption])
+    full = FullFineTune(pipe, twin, latents, text, in_backward)
+    times = interleaved({"lora_unet": lora_unet.step, "full": full.step}, steps)
+    t["lora_unet_vs_full"], t["full"] = times["lora_unet"], times["full"]
+    mem |= {"lora_unet": lora_unet.memory(), "full": full.memory()}
+    lora_unet.close()
+    full.close()
+
+    res = {k: median(v) for k, v in t.items()}
+    res |= {"ratio_cached": median(r / c for r, c in zip(t["reference"], t["cached"])),
+            "ratio_live": median(r / c for r, c in zip(t["reference"], t["live"])),
+            "ratio_unet": median(r / c for r, c in zip(t["reference_unet"], t["lora_unet"])),
+            "ratio_full": median(f / o for f, o in zip(t["full"], t["lora_unet_vs_full"])),
+            "min_cached": min(t["reference"]) / min(t["cached"]), "min_live": min(t["reference"]) / min(t["live"]),
+            "min_unet": min(t["reference_unet"]) / min(t["lora_unet"]),
+            "min_full": min(t["full"]) / min(t["lora_unet_vs_full"])}
+    for name, times in t.items():
+        print(f"  {name:18s} " + " ".join(f"{x:.3f}" for x in times), flush=True)
+    return res | {"mem": mem, "in_backward": in_backward, "resolution": resolution, "steps": steps}
+
+
+def report(model: str, res: dict) -> list[str]:
+    mem, mem_ratio = res["mem"], res["mem"]["lora_unet"] / res["mem"]["full"]
+    full_kind = "AdamW in backward, scratch moments" if res["in_backward"] else "torch fused AdamW"
+
+    def row(label: str, key: str) -> str:
+        return f"  {label:44s} {res[key]:8.3f} s/step  {1 / res[key]:7.2f} images/s"
+
+    def ratio(label: str, key: str, goal: float | None) -> str:
+        verdict = f"  goal >= {goal}x  {_ok(res['ratio_' + key] >= goal)}" if goal else "  (report only)"
+        return f"  {label:44s} {res['ratio_' + key]:.2f}x (fastest steps {res['min_' + key]:.2f}x){verdict}"
+
+    side = res["resolution"] // 8
+    return [
+        f"{model} ({res['resolution']} px, {side}x{side} latent), {res['steps']} timed steps per variant:",
+        "  default run (UNet cross-attn + text encoder LoRA, text encoder trained):",
+        row("ours, caching on", "cached"), row("ours, caching off", "live"),
+        row("reference (dreambooth, --train_text_encoder)", "reference"),
+        ratio("caching on / reference", "cached", 1.5), ratio("caching off / reference", "live", 1.0),
+        "  UNet-only run (--no-text-encoder: latents and text embeddings cached):",
+        row("ours", "lora_unet"), row("reference (dreambooth, frozen text encoder)", "reference_unet"),
+        ratio("ours / reference", "unet", None),
+        "  LoRA against full fine-tuning of the UNet, equal cached inputs:",
+        row("ours, UNet-only LoRA", "lora_unet_vs_full"), row(f"full fine-tuning ({full_kind})", "full"),
+        ratio("LoRA step speed-up", "full", 1.25),
+        (f"  gradient + optimizer memory: LoRA {mem['lora_unet'] / 2**20:.2f} MB, full {mem['full'] / 2**20:.1f} MB, "
+         f"ratio {mem_ratio:.5f}  goal <= 0.333  {_ok(mem_ratio <= 1 / 3)}"),
+        f"  (default run, text encoder trained: gradient + optimizer memory {mem['ours'] / 2**20:.2f} MB)",
+    ]
+
+
+def _ok(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 30 for tiny, "
+                                                                 "6 for sd15)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    setup(args.threads)
+    print(f"# train_step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sd_lora_bench_train_") as tmp:
+        for model in args.models:
+            steps = args.steps or (30 if model == "tiny" else 6)
+            print(f"\n== {model}: {steps} timed steps per variant, interleaved", flush=True)
+            start = time.perf_counter()
+            res = bench(model, steps, Path(tmp))
+            print("\n".join(report(model, res)))
+            print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""What a training run needs before its first step, kept out of the loop so the loop reads as the recipe: flags
+that ask for missing packages or a missing GPU, the Accelerator (device and precision), the base model, its native
+resolution, and the prior-preservation class images. Plus two small output helpers (progress bars, PNG files).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sd_lora.training.config import TrainConfig, UsageError
+from sd_lora.training.data import assign_buckets, count_usable_images, generate_class_images, scan_images
+
+
+def _cuda() -> bool:
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.cuda.is_available() and not forced_cpu
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """Optional packages and CUDA-only features a flag asks for: one clear error before anything loads."""
+    if cfg.optimizer == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes: pip install 'sd-lora[bnb]' (CUDA only), "
+                             "or use --optimizer adamw")
+        if not _cuda():
+            raise UsageError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW); use --optimizer "
+                             "adamw on the CPU")
+    if cfg.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise UsageError("--attention xformers: xformers is not installed (pip install 'sd-lora[xformers]', CUDA "
+                             "only); the default --attention sdpa needs nothing")
+        if not _cuda():
+            raise UsageError("--attention xformers needs a CUDA GPU; use --attention sdpa on the CPU")
+    if cfg.log_with == "tensorboard" and not _has_tensorboard():
+        raise UsageError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
+
+
+def _has_tensorboard() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def make_accelerator(cfg: TrainConfig, notice: bool = True):
+    """An Accelerator for the device and the precision: fp16 by default on CUDA, fp32 ('no') on the CPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = cfg.mixed_precision
+    if not _cuda() and precision in ("auto", "fp16"):
+        if notice:
+            print(f"notice: no CUDA GPU, so training runs in fp32 on the CPU (mixed precision "
+                  f"{'fp16 needs' if precision == 'fp16' else 'is for'} a GPU)", file=sys.stderr, flush=True)
+        precision = "no"
+    elif precision == "auto":
+        precision = "fp16"
+    log_with = cfg.log_with if cfg.log_with != "auto" else "tensorboard" if _has_tensorboard() else "none"
+    out = Path(cfg.output)
+    return Accelerator(mixed_precision=precision, cpu=not _cuda(), log_with=None if log_with == "none" else log_with,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def precision_text(accelerator) -> str:
+    if accelerator.mixed_precision == "no":
+        return "fp32"
+    return f"{accelerator.mixed_precision} mixed precision (frozen weights {accelerator.mixed_precision}, LoRA fp32)"
+
+
+def load_model(model: str):
+    """load_pipeline, with a missing model or an unreachable hub as one usage error that suggests --model tiny."""
+    import sd_lora
+
+    try:
+        return sd_lora.load_pipeline(model)
+    except sd_lora.ModelLoadError as e:
+        message = " ".join(str(e).split())
+        raise UsageError(f"--model: {message} (--model tiny trains the built-in model offline)") from None
+
+
+def native_resolution(pipe) -> int:
+    """The size the model generates by default: its latent size times the VAE's downscale factor."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def class_images(cfg: TrainConfig, pipe, resolution: int, accelerator) -> list:
+    """Prior preservation: top the class folder up to --num-class-images with the base model (main process), then
+    the first --num-class-images of them, all captioned with the class prompt, in buckets."""
+    folder = Path(cfg.class_images)
+    if accelerator.is_main_process:
+        missing = cfg.num_class_images - count_usable_images(folder)
+        if missing > 0:
+            bar = progress_bar(missing, 0, desc="class images")
+            generate_class_images(folder, cfg.class_prompt, cfg.num_class_images, pipe, resolution, seed=cfg.seed,
+                                  progress=lambda done, total: bar.update(1))
+            bar.close()
+    accelerator.wait_for_everyone()
+    found = scan_images(folder, caption=cfg.class_prompt, **({} if accelerator.is_main_process else {"warn": None}))
+    found = [replace(r, caption=cfg.class_prompt) for r in found[:cfg.num_class_images]]
+    return assign_buckets(found, resolution)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {torch.cuda.get_device_name(device)}"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process memory (CPU)"
+
+
+def progress_bar(total: int, initial: int, disable: bool = False, desc: str = "training"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step" if desc == "training" else "image",
+                leave=desc == "training",
+                disable=disable, dynamic_ncols=True, mininterval=0.5)
+
+
+def write_png(path: Path, image) -> None:
+    from sd_lora.adapter import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

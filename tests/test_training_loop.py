@@ -1,0 +1,391 @@
+"""sd_lora.training.loop and checkpoint: what a user of train/style.py sees. A run through `accelerate launch` writes
+an adapter diffusers loads; the loss falls; a run killed with SIGKILL and resumed ends bit for bit where an
+uninterrupted one does; caching does not change the numbers; bad runs stop with one line and exit code 2.
+
+Everything runs the tiny model on the CPU with one thread: with two threads on a busy 2-core machine, OpenMP makes
+the tiny model 100x slower, and bit-for-bit comparisons need the same thread count in every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sd_lora
+from sd_lora.training import TrainConfig, UsageError, checkpoint, loop
+from sd_lora.training.config import TrainingError
+
+REPO = Path(__file__).resolve().parent.parent
+STYLE = REPO / "train" / "style.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(loop, "SAMPLE_STEPS", 2)  # sample images: 2 denoising steps are enough to test the path
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A style folder of four images in two aspect ratios (one with a caption), plus a zero-byte file, a corrupt
+    PNG and a stray text file, which the run must skip."""
+    folder = tmp_path / "inkwash"
+    folder.mkdir()
+    for i in range(4):
+        image = Image.new("RGB", (64, 64) if i % 2 == 0 else (96, 64), (235, 225, 200))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((2, 2, image.width - 3, image.height - 3), outline=(120, 90, 20), width=4)
+        draw.ellipse((14 + 4 * i, 16, 44 + 4 * i, 48), fill=(40 * i, 70, 200), outline=(10, 10, 10), width=2)
+        image.save(folder / f"art_{i}.png")
+    (folder / "art_0.txt").write_text("a blue circle, ink outline")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "notes.txt").write_text("not a caption")
+    return folder
+
+
+def config(images: Path, output: Path, **changes) -> TrainConfig:
+    base = TrainConfig(images=str(images), model="tiny", output=str(output), steps=3, sample_every=0, save_every=0,
+                       log_with="none")
+    return dataclasses.replace(base, **changes)
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **extra}
+
+
+def style_args(images: Path, output: Path, *flags: str) -> list[str]:
+    return ["--images", str(images), "--model", "tiny", "--output", str(output), "--log-with", "none", *flags]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_accelerate_launch_trains_an_adapter_that_diffusers_loads(images, tmp_path):
+    """`accelerate launch` with no config file (a fresh HF_HOME), a folder with bad files in it, samples, TensorBoard
+    and --save-format diffusers: everything lands in the output folder, and diffusers' own loader uses it."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu", str(STYLE),
+         *style_args(images, out, "--steps", "6", "--lr", "2e-3", "--te-lr", "1e-3", "--sample-every", "3",
+                     "--save-every", "3", "--save-format", "diffusers", "--log-with", "tensorboard")],
+        check=False, capture_output=True, text=True, env=env(HF_HOME=str(tmp_path / "hf_home")), cwd=tmp_path,
+        timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for bad in ("empty.png", "broken.png", "notes.txt"):
+        assert f"warning: skipped {bad}" in run.stderr
+    assert "notice: no CUDA GPU" in run.stderr
+    assert "sd-lora: training a style LoRA" in run.stdout and "sd-lora: done" in run.stdout
+
+    adapter = out / "inkwash.safetensors"
+    with safe_open(str(adapter), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+        dtypes = {f.get_tensor(k).dtype for k in keys if not k.endswith(".alpha")}
+    assert dtypes == {torch.float16}
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith("lora_unet_") and "attn2_to_k" in k for k in keys)
+    assert not any("attn1" in k for k in keys)  # the cross-attn preset
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "4.0" and meta["ss_output_name"] == "inkwash"
+    assert meta["modelspec.trigger_phrase"] == "inkwash" and meta["modelspec.resolution"] == "64x64"
+    assert meta["ss_max_train_steps"] == "6" and meta["ss_learning_rate"] == "0.002"
+    assert json.loads(meta["ss_tag_frequency"])["inkwash"]["an image in the style of inkwash"] == 3
+    for name in ("inkwash.preview.png", "loss.png", "inkwash.json", "samples/step-000003.png",
+                 "samples/step-000006.png", "diffusers/pytorch_lora_weights.safetensors", "checkpoints/step-3",
+                 "checkpoints/step-6"):
+        assert (out / name).exists(), name
+    assert Image.open(out / "samples" / "step-000006.png").size == (128, 64)  # two prompts side by side
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+    pipe = sd_lora.load_pipeline("tiny")
+
+    def generate():
+        return pipe("a portrait in the style of inkwash", num_inference_steps=3, height=64, width=64,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    base = generate()
+    pipe.load_lora_weights(str(out), weight_name="inkwash.safetensors", adapter_name="inkwash")
+    styled = generate()
+    assert np.isfinite(styled).all() and np.abs(styled - base).max() > 1e-3
+
+
+def test_two_processes_train_together_and_only_the_main_one_writes(images, tmp_path):
+    """`torchrun` (what `accelerate launch --multi_gpu` runs) with two CPU processes: gradients are averaged over
+    both, each process saves its RNG state in the checkpoint, and the main process alone prints and writes."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(STYLE),
+         *style_args(images, out, "--steps", "2", "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"))],
+        check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("sd-lora: training a style LoRA") == 1 and run.stdout.count("sd-lora: done") == 1
+    assert "2 × 2 images (batch 1 × grad-accum 1 × 2 processes)" in run.stdout
+    assert run.stderr.count("warning: skipped empty.png") == 1
+    step = out / "checkpoints" / "step-2"
+    assert (step / "random_states_0.pkl").is_file() and (step / "random_states_1.pkl").is_file()
+    assert (out / "inkwash.safetensors").is_file()
+
+
+def test_the_loss_falls_over_the_run(images, tmp_path):
+    result = loop.train(config(images, tmp_path / "out", steps=60, lr=3e-3, te_lr=1e-3))
+    losses = result["losses"]
+    assert len(losses) == 60 and all(math.isfinite(x) for x in losses) and result["skipped"] == 0
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])  # same timesteps every run: the seed fixes them
+    assert last < 0.92 * first, (first, last)
+    assert (tmp_path / "out" / "loss.png").is_file()
+
+
+def test_kill_9_then_resume_latest_ends_bit_for_bit_where_an_uninterrupted_run_does(images, tmp_path):
+    flags = ["--steps", "30", "--save-every", "4", "--sample-every", "0", "--lr", "1e-3"]
+    whole = tmp_path / "whole"
+    loop.train(config(images, whole, steps=30, save_every=4, lr=1e-3))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(STYLE), *style_args(images, killed, *flags)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step-8").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "inkwash.safetensors").exists(), "the run finished before it could be killed"
+    steps = [s for s, _ in checkpoint.checkpoints(killed)]
+    assert 8 in steps and max(steps) < 30
+
+    result = loop.train(config(images, killed, steps=30, save_every=4, lr=1e-3, resume="latest"))
+    assert result["steps"] == 30
+    assert same_tensors(tensors(killed / "inkwash.safetensors"), tensors(whole / "inkwash.safetensors"))
+    assert [s for s, _ in checkpoint.checkpoints(killed)] == [24, 28, 30]  # --keep-checkpoints 3
+
+
+def test_prior_preservation_generates_class_images_and_trains(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"identity": {"rank": 8}}))  # a different run, replaced on request
+    (out / "checkpoints" / "step-5").mkdir(parents=True)
+    result = loop.train(config(images, out, steps=2, class_prompt="a painting", num_class_images=2, overwrite=True))
+    assert result["steps"] == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png"]
+    assert "2 class images of 'a painting'" in capsys.readouterr().out
+    assert not (out / "checkpoints" / "step-5").exists()
+
+
+def test_first_step_loss_is_the_same_with_caching_on_and_off(images, tmp_path):
+    """Latents from the RAM cache, the disk cache and live VAE encodes, and text embeddings cached or encoded live,
+    give the same numbers bit for bit; so does gradient checkpointing."""
+    runs = {
+        "ram": {}, "disk": {"cache_dir": str(tmp_path / "cache")}, "live": {"cache": False},
+        "checkpointing": {"gradient_checkpointing": True},
+    }
+    losses = {name: loop.train(config(images, tmp_path / name, steps=2, text_encoder=False, **changes))["losses"]
+              for name, changes in runs.items()}
+    assert losses["ram"][0] == losses["disk"][0] == losses["live"][0] == losses["checkpointing"][0]
+    assert losses["ram"] == losses["disk"] == losses["live"] == losses["checkpointing"]
+    assert list((tmp_path / "cache").glob("*.safetensors"))
+    assert same_tensors(tensors(tmp_path / "ram" / "inkwash.safetensors"),
+                        tensors(tmp_path / "live" / "inkwash.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step: precision, NaN handling, loss variants, schedules, run length
+
+
+def test_bf16_keeps_frozen_weights_low_and_lora_fp32_and_samples_cast_nothing(images, tmp_path):
+    pipe = sd_lora.load_pipeline("tiny")
+    result = loop.train(config(images, tmp_path / "out", steps=2, mixed_precision="bf16"), pipe=pipe)
+    assert all(math.isfinite(x) for x in result["losses"])
+    trainable = {p for p in pipe.unet.parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert {p.dtype for p in pipe.unet.parameters() if p not in trainable} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+    assert (tmp_path / "out" / "inkwash.preview.png").is_file()  # sampled at the end, after which the above held
+
+
+def test_nan_steps_are_skipped_and_counted_and_ten_in_a_row_stop_the_run(images, tmp_path, monkeypatch):
+    real = loop.diffusion_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in nan_calls else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", sometimes_nan)
+    nan_calls = {2}
+    result = loop.train(config(images, tmp_path / "one", steps=4))
+    assert result["skipped"] == 1 and math.isnan(result["losses"][1]) and result["steps"] == 4
+    assert all(torch.isfinite(t).all() for t in tensors(tmp_path / "one" / "inkwash.safetensors").values())
+
+    calls["n"], nan_calls = 0, set(range(100))
+    with pytest.raises(TrainingError, match="NaN or Inf for 10 steps in a row"):
+        loop.train(config(images, tmp_path / "all", steps=20))
+
+
+def test_v_prediction_min_snr_and_noise_offset():
+    """The target follows the scheduler's prediction type; Min-SNR weights min(snr, γ)/snr (epsilon) or
+    min(snr, γ)/(snr + 1) (v-prediction)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    def zero(x, t, encoder_hidden_states):  # a "UNet" that predicts 0: the loss is the target's mean square
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    tiny_config = DDPMScheduler.load_config(sd_lora.tiny_dir() / "scheduler")
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler.from_config(tiny_config, prediction_type=kind)
+        plain = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0))
+        weighted = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0),
+                                       min_snr_gamma=5.0)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        torch.testing.assert_close(plain, target.pow(2).mean(dim=(1, 2, 3)))
+        snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+        weight = snr.clamp(max=5.0) / (snr if kind == "epsilon" else snr + 1)
+        torch.testing.assert_close(weighted, plain * weight)
+    offset = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0), noise_offset=0.1)
+    assert not torch.equal(offset, plain)
+
+
+def test_learning_rate_schedules_warm_up_then_decay():
+    constant = loop.lr_factor("constant", 4, 20)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    linear, cosine = loop.lr_factor("linear", 0, 10), loop.lr_factor("cosine", 2, 12)
+    assert linear(0) == 1.0 and linear(5) == 0.5 and linear(10) == 0.0
+    assert cosine(2) == 1.0 and cosine(7) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
+
+
+def test_epochs_override_steps_with_batches_and_accumulation(images, tmp_path):
+    """4 images in 2 buckets of 2, batch 2: 2 batches per epoch; with --grad-accum 2, one step per epoch."""
+    result = loop.train(config(images, tmp_path / "out", steps=1000, epochs=2, batch_size=2, grad_accum=2))
+    assert result["steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad runs: one line, exit code 2, nothing loaded or written
+
+
+def _main(argv, capsys) -> tuple[int, str]:
+    """Run train/style.py's main; return the exit code and its one error line (skipped-file warnings aside)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_style", STYLE)
+    style = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(style)
+    code = style.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert len(errors) == 1 and errors[0].startswith("style.py: error: "), errors
+    return code, errors[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model gets loaded: these errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(sd_lora, "load_pipeline", refuse)
+
+
+def test_a_folder_with_no_usable_image_stops_before_anything_loads_or_is_written(tmp_path, capsys, no_model):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_text("not a jpeg")
+    code, err = _main(style_args(folder, tmp_path / "out"), capsys)
+    assert code == 2 and "no usable image" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, capsys, no_model):
+    out = tmp_path / "out"
+    checkpoint.write_run(config(images, out, rank=8).resolved())
+    code, err = _main(style_args(images, out, "--rank", "4"), capsys)
+    assert code == 2
+    assert f"{out} holds a different run (--rank 8 there, 4 here)" in err and "--overwrite" in err
+
+    (out / "checkpoints" / "step-4").mkdir(parents=True)
+    (out / "checkpoints" / "step-4" / checkpoint.STATE_FILE).write_text("{}")
+    checkpoint.write_run(config(images, out).resolved())
+    code, err = _main(style_args(images, out, "--steps", "3", "--sample-every", "0", "--save-every", "0"), capsys)
+    assert code == 2 and "already holds this run, with checkpoints up to step 4" in err
+
+
+def test_resume_with_nothing_to_resume_is_refused(images, tmp_path, capsys, no_model):
+    code, err = _main(style_args(images, tmp_path / "out", "--resume", "latest"), capsys)
+    assert code == 2 and "--resume latest: " in err and "no checkpoint to resume" in err
+    code, err = _main(style_args(images, tmp_path / "out", "--resume", str(tmp_path)), capsys)
+    assert code == 2 and "not a checkpoint folder" in err
+
+
+def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_model):
+    out = tmp_path / "out"
+    folder = out / "checkpoints" / "step-4"
+    folder.mkdir(parents=True)
+    (folder / checkpoint.STATE_FILE).write_text("{}")
+    (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
+        config(images, out, lr=3e-4).resolved())}))
+    code, err = _main(style_args(images, out, "--resume", "latest", "--steps", "50"), capsys)
+    assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.0001 here)" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs"),
+    (["--attention", "xformers"], "--attention xformers"),
+])
+def test_cuda_only_features_give_a_clear_error_on_this_machine(images, tmp_path, capsys, no_model, flags, message):
+    code, err = _main(style_args(images, tmp_path / "out", *flags), capsys)
+    assert code == 2 and message in err
+
+
+def test_a_missing_model_suggests_the_tiny_one(images, tmp_path, capsys):
+    code, err = _main(["--images", str(images), "--output", str(tmp_path / "out"), "--model",
+                       str(tmp_path / "nowhere.safetensors")], capsys)
+    assert code == 2 and "--model tiny" in err and "nowhere.safetensors" in err
+    with pytest.raises(UsageError, match="--model tiny"):
+        loop.train(config(images, tmp_path / "out2", model="no-such-user/no-such-model"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):
+    """A save killed midway leaves a hidden temporary folder, which --resume latest ignores and the next run
+    removes; a kill mid-delete leaves a hidden folder too."""
+    root = tmp_path / "out" / "checkpoints"
+    for name in ("step-4", ".step-8.tmp", ".step-2.deleting"):
+        (root / name).mkdir(parents=True)
+    (root / "step-4" / checkpoint.STATE_FILE).write_text("{}")
+    (root / ".step-8.tmp" / checkpoint.STATE_FILE).write_text("{}")
+    assert checkpoint.find_checkpoint("latest", tmp_path / "out") == root / "step-4"
+    checkpoint.remove_stale(tmp_path / "out")
+    assert sorted(p.name for p in root.iterdir()) == ["step-4"]
