@@ -141,10 +141,6 @@ def find_checkpoint(resume: str, output: Path) -> Path:
                      "checkpoints; use 'latest' or a <output>/checkpoints/step-<N> folder")
 
 
-def read_state(checkpoint: Path) -> dict:
-    return _read_json(checkpoint / STATE_FILE) or {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading
 
