@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench freeze clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build on this machine's disk. An unpinned torch pulls GBs of CUDA wheels.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# constraints.txt pins every dependency to the set the suite last passed with: the registry moves (a new
+	# transformers once demanded a peft that did not exist yet). Refresh it with `make freeze` after an upgrade.
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +27,9 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check sd_lora train ui tests examples bench
+
+freeze: install
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' > constraints.txt
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
