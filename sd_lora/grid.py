@@ -1,4 +1,5 @@
-"""Labelled image grids for Compare and the weight sweep: column labels on top, row labels on the left."""
+"""Labelled image grids (column labels on top, row labels on the left): the UI's Compare and weight sweep, and the
+style demo's before/after picture."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 import sd_lora
-from sd_lora import merge
+from sd_lora import grid, merge
 from sd_lora.formats.detect import model_family
-from ui import catalog, grid, params
+from ui import catalog, params
 
 Weights = params.Weights
 Progress = Callable[[float, str], None]
