@@ -161,9 +161,12 @@ class Adapters:
             raise ValueError(f"rank must be positive, got {rank}")
         generator = torch.Generator().manual_seed(seed)
         parts = [p for p in self.models if p == "unet" or (text_encoder and p.startswith("text_encoder"))]
+        chosen = {part: select([real for real, _ in self._tables[part].values()], part, preset) for part in parts}
+        if not chosen["unet"]:  # checked before anything changes: a typo'd or foreign model must not train nothing
+            raise AdapterError(f"the {preset!r} preset matches no module of this UNet; nothing to train")
         params: dict[str, list[nn.Parameter]] = {}
         for part in parts:
-            for path in select([real for real, _ in self._tables[part].values()], part, preset):
+            for path in chosen[part]:
                 real = self._tables[part][normalize(path)][0]
                 layer = self._layer(part, real)
                 layer.add_new(name, rank, alpha, init=init, dropout=dropout, generator=generator)

@@ -219,3 +219,18 @@ def test_bad_weights_requests(pipe, tmp_path):
     lora.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         lora.route(["mozart"])
+
+
+def test_add_trainable_refuses_a_preset_that_matches_no_unet_module_and_changes_nothing():
+    from diffusers import UNet2DConditionModel
+
+    pipe = sd_lora.load_pipeline("tiny")
+    pipe.unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32,), down_block_types=("DownBlock2D",),
+                                     up_block_types=("UpBlock2D",), mid_block_type=None, layers_per_block=1,
+                                     cross_attention_dim=64, norm_num_groups=8)  # no attention anywhere
+    lora = sd_lora.attach(pipe)
+    with pytest.raises(AdapterError, match="'cross-attn' preset matches no module of this UNet"):
+        lora.add_trainable("style")
+    assert lora.names == [] and lora.trainable_parameters() == []
+    with pytest.raises(AdapterError, match="'full' preset matches no module"):  # kohya's set is attention-only too
+        lora.add_trainable("style", preset="full")
