@@ -15,12 +15,12 @@ import os
 import shutil
 import struct
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sd_lora.atomic import atomic_file
 from sd_lora.formats import ldm
 from sd_lora.formats.detect import model_family
 from sd_lora.targets import strip_text_model
@@ -142,30 +142,6 @@ def write_safetensors(path: Path, entries: list, metadata: dict[str, str]) -> No
             write(f)
             if f.tell() - before != nbytes:
                 raise RuntimeError(f"{name}: wrote {f.tell() - before} bytes, expected {nbytes}")
-
-
-@contextmanager
-def atomic_file(path: Path):
-    """A temp file beside `path`, fsynced and renamed over it on success, removed on any error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint should get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def rewrite_safetensors(src: Path, out: Path, edits: dict, dtype: torch.dtype | None = None,

@@ -74,7 +74,7 @@ def test_weight_change_is_picked_up_without_stale_scale(setup):
 
 
 def test_temporary_scale_leaves_nothing_behind(setup):
-    layer, blend, adapters, x = setup
+    layer, blend, _adapters, x = setup
     blend.weights = {"a": 1.0, "b": 1.0}
     blend.bump()
     before = layer(x)
@@ -87,7 +87,7 @@ def test_temporary_scale_leaves_nothing_behind(setup):
 
 
 def test_fold_matches_live_and_unfold_is_bit_exact(setup):
-    layer, blend, adapters, x = setup
+    layer, blend, _adapters, x = setup
     original = layer.base.weight.detach().clone()
     blend.weights = {"a": 0.7, "b": 0.3, "c": -0.4}
     blend.bump()
@@ -99,7 +99,7 @@ def test_fold_matches_live_and_unfold_is_bit_exact(setup):
 
 
 def test_refold_after_weight_change_never_drifts(setup):
-    layer, blend, adapters, x = setup
+    layer, blend, _adapters, _x = setup
     original = layer.base.weight.detach().clone()
     blend.weights = {"a": 1.0}
     blend.bump()
@@ -126,7 +126,7 @@ def test_routing_gives_each_sample_its_own_blend(setup):
 
 
 def test_routing_tiles_over_a_doubled_batch(setup):
-    layer, blend, adapters, x = setup
+    layer, blend, _adapters, x = setup
     blend.route = [{"a": 1.0}, {}, {"c": 1.0}]
     blend.bump()
     y = layer(torch.cat([x, x]))

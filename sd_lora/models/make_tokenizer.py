@@ -21,7 +21,7 @@ frame framed ornamental ornate paper texture ink outline outlined border classic
 mozart ink violin piano music dog cat tree house flower sky sea mountain portrait landscape
 bright dark light pale deep vivid soft simple flat plain colorful colored solid
 one two three four many some very
-""".split()
+""".split()  # noqa: SIM905 (one word list, easier to read and edit as text)
 
 
 def bytes_to_unicode() -> dict[int, str]:
