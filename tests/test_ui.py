@@ -184,11 +184,13 @@ def test_concurrent_requests_never_mix_blends(app, client):
 
 # ---- compare, sweep, export, merge ----------------------------------------------------------------------------------
 def test_compare_makes_base_and_each_adapter_in_one_pass(client):
-    images, _ = client.predict("a red circle", "", '{"mozart": 0.8, "ink": 0.6}', STEPS, 7.5, 42, 64, 64,
+    ink = {"unet": 0.6, "text_encoder": 0.2}  # a text-encoder weight of its own survives the per-sample route
+    images, _ = client.predict("a red circle", "", json.dumps({"mozart": 0.8, "ink": ink}), STEPS, 7.5, 42, 64, 64,
                                api_name="/compare")
-    assert [i["caption"] for i in images] == ["side by side", "base model", "mozart 0.8", "ink 0.6", "blend"]
+    assert [i["caption"] for i in images] == ["side by side", "base model", "mozart 0.8", "ink 0.6 / te 0.2", "blend"]
     # Routed tiles match separate generations (batched math may differ in the last bit of a pixel).
-    for item, weights in ((images[1], {}), (images[2], {"mozart": 0.8}), (images[4], {"mozart": 0.8, "ink": 0.6})):
+    for item, weights in ((images[1], {}), (images[2], {"mozart": 0.8}), (images[3], {"ink": ink}),
+                          (images[4], {"mozart": 0.8, "ink": ink})):
         alone = pixels(generate(client, weights)[0][0])
         assert np.abs(pixels(item) - alone).max() <= 2
     assert Image.open(images[0]["image"]).width >= 4 * 64

@@ -231,6 +231,13 @@ class Studio:
                                f"seed {seed}"))
         return Result(images, notes, text)
 
+    @staticmethod
+    def _weight_label(w: dict[str, float]) -> str:
+        """"0.8", or "0.8 / te 0.3" when the text encoder's weight differs from the UNet's."""
+        if w["unet"] == w["text_encoder"]:
+            return params.number(w["unet"])
+        return f"{params.number(w['unet'])} / te {params.number(w['text_encoder'])}"
+
     def compare(self, s: Settings, weights: Weights, progress: Progress | None = None) -> Result:
         """The base and each enabled adapter alone (and their blend), same prompt and seed, in one batched pass."""
         s, notes = self.clamp(replace(s, count=1))
@@ -238,22 +245,18 @@ class Studio:
         active = {n: w for n, w in weights.items() if w["unet"] or w["text_encoder"]}
         if not active:
             raise ValueError("enable at least one adapter to compare it with the base model")
-        if any(w["unet"] != w["text_encoder"] for w in active.values()):
-            notes.append("Compare uses each adapter's UNet weight for its text encoder too (a per-sample route "
-                         "takes one weight per adapter)")
-        samples: list[tuple[str, dict[str, float]]] = [("base model", {})]
-        samples += [(f"{n} {params.number(w['unet'])}", {n: w["unet"]}) for n, w in active.items()]
+        samples: list[tuple[str, Weights]] = [("base model", {})]
+        samples += [(f"{n} {self._weight_label(w)}", {n: dict(w)}) for n, w in active.items()]
         if len(active) > 1:
-            samples.append(("blend", {n: w["unet"] for n, w in active.items()}))
+            samples.append(("blend", {n: dict(w) for n, w in active.items()}))
         with self.lock:
             self.lora.set_weights(weights)
             with self.lora.route([route or None for _, route in samples]):
                 tiles = self._run(prompt, s, [s.seed] * len(samples), progress, f"{len(samples)} images, one pass")
         files = []
         for (label, route), image in zip(samples, tiles):
-            blend = {n: {"unet": w, "text_encoder": w} for n, w in route.items()}
-            text = self._infotext(prompt, s, s.seed, blend)
-            files.append((self._save(image, "compare", text, self._record(prompt, s, s.seed, blend)), label))
+            text = self._infotext(prompt, s, s.seed, route)
+            files.append((self._save(image, "compare", text, self._record(prompt, s, s.seed, route)), label))
         strip = grid.labelled_grid([tiles], [label for label, _ in samples], title=f"{prompt[:60]} · seed {s.seed}")
         text = self._infotext(prompt, s, s.seed, active, {"Compare": ", ".join(label for label, _ in samples)})
         files.insert(0, (self._save(strip, "compare", text, {"compare": [lbl for lbl, _ in samples]}),
