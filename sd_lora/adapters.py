@@ -298,9 +298,8 @@ class Adapters:
         self._synced[part] = state
 
     def copy_bytes(self) -> int:
-        """Memory taken by the saved original weights (kept on the CPU)."""
-        return sum(layer.original.nbytes for layers in self.layers.values() for layer in layers.values()
-                   if layer.original is not None)
+        """Memory the saved original weights take beyond the model's own (on the CPU; none while unfolded there)."""
+        return sum(layer.extra_bytes() for layers in self.layers.values() for layer in layers.values())
 
     # ---- removal and export -------------------------------------------------------------------------------------
     def remove(self, name: str) -> None:

@@ -11,8 +11,9 @@ Nothing here knows about files, module names or pipelines. Three rules shape the
 * Live forward concatenates the active adapters along the rank axis, with their scales folded into `up`, so any
   number of adapters costs one down- and one up-projection. Per-sample routing multiplies the rank axis by a
   [batch, rank] matrix, so it is still two projections.
-* Folding (auto mode, merge) always starts from a saved copy of the original weight, computed in fp32 and cast once,
-  so merging twice or re-weighting while merged never drifts, and unfolding restores the weight bit for bit.
+* Folding (auto mode, merge) always starts from the saved original weight, computed in fp32 and cast once, so merging
+  twice or re-weighting while merged never drifts, and unfolding restores the weight bit for bit. On the CPU the
+  original is the weight's own tensor (the folded weight is a new one), so saving it costs no copy.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class LoRALayer(nn.Module):
         self.up = nn.ParameterDict()
         self.alpha: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        # Original weight, kept off the accelerator, restored bit for bit on unfold. Created lazily on first fold.
+        # Original weight, kept off the accelerator, restored bit for bit on unfold. Saved lazily on first fold.
         self.original: torch.Tensor | None = None
         self.folded_version: int | None = None  # blend.version folded into base.weight, None when unfolded
         self._cache_key = None
@@ -134,25 +135,58 @@ class LoRALayer(nn.Module):
         return self.folded_version is not None
 
     def fold(self) -> None:
-        """Put base + current blend into base.weight (fp32 sum, one cast). No-op when already current."""
+        """Put base + current blend into base.weight (fp32 sum, one cast). No-op when already current.
+
+        The original weight is saved on the first fold. On the CPU that costs nothing: the weight's own tensor
+        becomes the original and the folded weight is a new tensor (later folds write into it in place). On an
+        accelerator the original is copied to the CPU, off the device's memory."""
         if self.folded_version == self.blend.version:
             return
         weight = self.base.weight
         if self.original is None:
-            self.original = weight.detach().to("cpu", copy=True)
+            on_cpu = weight.device.type == "cpu"
+            self.original = weight.data if on_cpu else weight.detach().to("cpu", copy=True)
         active = [n for n in self.names if self.blend.weight(n) != 0.0]
         with torch.no_grad():
             if not active:  # nothing to add: the original, bit for bit
-                weight.copy_(self.original.to(weight.device))
-            elif weight.dtype == torch.float32 and weight.device == self.original.device and weight.is_contiguous():
-                # one fused op writing straight into the weight: no temporaries the size of the weight
-                down, up = self._fold_factors(active)
-                torch.addmm(self.original.flatten(1), up, down, out=weight.data.view(weight.shape[0], -1))
+                self._restore()
             else:
                 down, up = self._fold_factors(active)
-                fused = torch.addmm(self.original.to(weight.device, torch.float32).flatten(1), up, down)
-                weight.copy_(fused.view(weight.shape).to(weight.dtype))
+                rows = weight.shape[0]
+                if self._writable_in_place():  # one fused op straight into the weight: no temporaries
+                    torch.addmm(self.original.flatten(1), up, down, out=weight.data.view(rows, -1))
+                else:
+                    fused = torch.addmm(self.original.to(weight.device, torch.float32).flatten(1), up, down)
+                    fused = fused.view(weight.shape).to(weight.dtype)
+                    if self._shares_original():
+                        weight.data = fused  # the weight still is the original: give it a tensor of its own
+                    else:
+                        weight.copy_(fused)
         self.folded_version = self.blend.version
+
+    def _shares_original(self) -> bool:
+        return self.original is not None and self.base.weight.data.data_ptr() == self.original.data_ptr()
+
+    def _writable_in_place(self) -> bool:
+        weight = self.base.weight
+        return (weight.dtype == torch.float32 and weight.device == self.original.device and weight.is_contiguous()
+                and not self._shares_original())
+
+    def _restore(self) -> None:
+        """base.weight = the original: on the CPU by pointing back at the original tensor, elsewhere by a copy."""
+        weight = self.base.weight
+        if self._shares_original():
+            return
+        if weight.device == self.original.device and weight.dtype == self.original.dtype:
+            weight.data = self.original
+        else:  # the model moved (another device or dtype) since the original was saved
+            weight.copy_(self.original.to(weight.device, weight.dtype))
+
+    def extra_bytes(self) -> int:
+        """Memory the saved original takes beyond the weight itself (none while the weight is the original)."""
+        if self.original is None or self._shares_original():
+            return 0
+        return self.original.nbytes
 
     def _fold_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (down [R, in*k*k], up [out, R]) with each adapter's scale folded into its columns of up."""
@@ -166,7 +200,7 @@ class LoRALayer(nn.Module):
         if self.folded_version is None:
             return
         with torch.no_grad():
-            self.base.weight.copy_(self.original.to(self.base.weight.device))
+            self._restore()
         self.folded_version = None
 
     # ---- forward ----------------------------------------------------------------------------------------------

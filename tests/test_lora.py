@@ -98,6 +98,36 @@ def test_fold_matches_live_and_unfold_is_bit_exact(setup):
     assert torch.equal(layer.base.weight, original)
 
 
+def test_on_the_cpu_the_saved_original_is_the_weight_itself_and_costs_memory_only_while_folded(setup):
+    layer, blend, _adapters, x = setup
+    weight = layer.base.weight.data
+    snapshot = weight.clone()
+    assert layer.extra_bytes() == 0
+    for weights in ({"a": 0.7}, {"a": 0.7, "b": -1.0}):  # a first fold, then a re-fold in place
+        blend.weights = weights
+        blend.bump()
+        layer.fold()
+        assert layer.original.data_ptr() == weight.data_ptr()  # no copy was made ...
+        assert layer.base.weight.data_ptr() != weight.data_ptr()  # ... the folded weight is a tensor of its own
+        assert torch.equal(weight, snapshot) and layer.extra_bytes() == weight.nbytes
+    layer.unfold()
+    assert layer.base.weight.data_ptr() == weight.data_ptr() and layer.extra_bytes() == 0
+    assert torch.equal(layer.base.weight, snapshot)
+
+
+def test_fold_into_a_half_precision_weight_sums_in_fp32_and_casts_once(setup):
+    layer, blend, _adapters, x = setup
+    layer.base.half()
+    original = layer.base.weight.detach().clone()
+    blend.weights = {"a": 0.7, "c": -0.4}
+    blend.bump()
+    layer.fold()
+    expected = (original.float() + layer.delta()).half()
+    assert layer.base.weight.dtype == torch.float16 and torch.equal(layer.base.weight, expected)
+    layer.unfold()
+    assert torch.equal(layer.base.weight, original)
+
+
 def test_refold_after_weight_change_never_drifts(setup):
     layer, blend, _adapters, _x = setup
     original = layer.base.weight.detach().clone()
