@@ -148,8 +148,13 @@ class LoRALayer(nn.Module):
             self.original = weight.data if on_cpu else weight.detach().to("cpu", copy=True)
         active = [n for n in self.names if self.blend.weight(n) != 0.0]
         with torch.no_grad():
-            if not active:  # nothing to add: the original, bit for bit
-                self._restore()
+            if not active:  # nothing to add: the original, bit for bit (kept in the folded tensor, if there is
+                if self._shares_original():  # one, so the next blend re-folds in place without allocating)
+                    pass
+                elif self._writable_in_place():
+                    weight.copy_(self.original)
+                else:
+                    self._restore()
             else:
                 down, up = self._fold_factors(active)
                 rows = weight.shape[0]

@@ -110,6 +110,11 @@ def test_on_the_cpu_the_saved_original_is_the_weight_itself_and_costs_memory_onl
         assert layer.original.data_ptr() == weight.data_ptr()  # no copy was made ...
         assert layer.base.weight.data_ptr() != weight.data_ptr()  # ... the folded weight is a tensor of its own
         assert torch.equal(weight, snapshot) and layer.extra_bytes() == weight.nbytes
+    folded = layer.base.weight.data_ptr()
+    blend.weights = {}  # every weight 0 while folded: the original values, in the same folded tensor
+    blend.bump()
+    layer.fold()
+    assert layer.base.weight.data_ptr() == folded and torch.equal(layer.base.weight, snapshot)
     layer.unfold()
     assert layer.base.weight.data_ptr() == weight.data_ptr() and layer.extra_bytes() == 0
     assert torch.equal(layer.base.weight, snapshot)
