@@ -38,6 +38,23 @@ def read_header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:
+    """The precision a diffusers folder's or a single file's UNet weights are stored in; None for anything else
+    (the tiny model, a hub id). load_pipeline may upcast on the CPU: a merge still writes what it read."""
+    path = Path(str(model))
+    if path.is_dir():
+        files = sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    else:
+        files = [path] if path.suffix == ".safetensors" and path.is_file() else []
+    for f in files:
+        header, _ = read_header(f)
+        kinds = [ST_DTYPES.get(v["dtype"]) for k, v in header.items() if k != "__metadata__"]
+        floats = [k for k in kinds if k is not None and k.is_floating_point]
+        if floats:
+            return max(set(floats), key=floats.count)
+    return None
+
+
 def read_tensor(f, data_start: int, info: dict) -> torch.Tensor:
     """One tensor of an open safetensors file, read into fresh memory (a header entry gives dtype, shape, offsets)."""
     begin, end = info["data_offsets"]

@@ -320,6 +320,7 @@ def merge_checkpoint(model: str | os.PathLike, items: list[Item], out: str | os.
         return merge_folder(src, items, out, dtype)
     from sd_lora.pipeline import load_pipeline
 
+    dtype = dtype or checkpoint.stored_dtype(model)  # "keep the model's dtype" even where loading upcast it
     pipe = load_pipeline(model, config=config)
     merge_into_pipeline(pipe, items)
     if out.suffix:

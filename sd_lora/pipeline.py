@@ -47,7 +47,9 @@ def load_pipeline(model: str | os.PathLike = "tiny", device: str | torch.device 
                   config: str | os.PathLike | None = None):
     """Load a Stable Diffusion pipeline from "tiny", a hub id, a diffusers folder or a single checkpoint file.
 
-    `config`: a local diffusers folder of the same architecture, used for single-file checkpoints (see above)."""
+    `config`: a local diffusers folder of the same architecture, used for single-file checkpoints (see above).
+    `dtype`: None keeps the weights as stored, except on the CPU, where fp16/bf16 weights (a folder or file saved in
+    half precision) are loaded as fp32: half-precision matmuls there are slow or unsupported."""
     from diffusers import StableDiffusionPipeline
 
     name = str(model)
@@ -64,6 +66,9 @@ def load_pipeline(model: str | os.PathLike = "tiny", device: str | torch.device 
         else:
             pipe = _from_hub(StableDiffusionPipeline, name)
     pipe.set_progress_bar_config(disable=True)
+    parts = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder) if m is not None]
+    if dtype is None and torch.device(device or "cpu").type == "cpu" and any(m.dtype != torch.float32 for m in parts):
+        dtype = torch.float32  # diffusers loads a half-precision folder's UNet as fp32 but transformers keeps CLIP fp16
     if dtype is not None or device is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe

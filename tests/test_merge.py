@@ -287,3 +287,16 @@ def test_ldm_named_adapter_lines_up_with_diffusers_named_one(adapters):
     assert set(back.modules) == set(a.modules) and back.unet_naming == "diffusers"
     blended = merge.blend_exact([(as_ldm, 1.0), (a, -1.0)], config)
     assert all(float(m.delta().abs().max()) < 1e-6 for m in blended.modules.values())
+
+
+def test_an_fp16_folder_loads_as_fp32_on_the_cpu_and_merges_back_to_fp16(items, tmp_path):
+    from sd_lora.checkpoint import stored_dtype, write_folder
+
+    folder = write_folder(sd_lora.load_pipeline("tiny"), tmp_path / "half", torch.float16)
+    assert stored_dtype(folder) == torch.float16
+    pipe = sd_lora.load_pipeline(folder)  # half-precision matmuls are slow or missing on the CPU
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert sd_lora.load_pipeline(folder, dtype=torch.float16).unet.dtype == torch.float16  # asked for: kept
+    out = merge.merge_checkpoint(folder, items, tmp_path / "merged.safetensors")  # no --dtype: the model's own
+    header, _ = read_header(out)
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}

@@ -389,3 +389,12 @@ def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):
     assert checkpoint.find_checkpoint("latest", tmp_path / "out") == root / "step-4"
     checkpoint.remove_stale(tmp_path / "out")
     assert sorted(p.name for p in root.iterdir()) == ["step-4"]
+
+
+def test_a_half_precision_model_folder_trains_on_the_cpu(images, tmp_path):
+    """A diffusers folder saved in fp16 (what `sd-lora merge` and most downloads give) trains in fp32 on the CPU."""
+    from sd_lora.checkpoint import write_folder
+
+    folder = write_folder(sd_lora.load_pipeline("tiny"), tmp_path / "tiny_fp16", torch.float16)
+    result = loop.train(config(images, tmp_path / "out", model=str(folder), steps=2))
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])

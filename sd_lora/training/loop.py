@@ -75,8 +75,7 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
     resolution = cfg.resolution or prepare.native_resolution(pipe)
     records = assign_buckets(records, resolution)
     pipe.to(accelerator.device)
-    if prepare.weight_dtype(accelerator) != torch.float32:  # frozen weights in the low precision (LoRA: fp32)
-        pipe.to(dtype=prepare.weight_dtype(accelerator))
+    pipe.to(dtype=prepare.weight_dtype(accelerator))  # frozen weights: fp16/bf16 when mixed, else fp32 (LoRA: fp32)
     class_records = prepare.class_images(cfg, pipe, resolution, accelerator) if cfg.prior_preservation else []
     if main:
         if cfg.overwrite:
