@@ -34,8 +34,12 @@ style = _load_script()
 def test_defaults_are_the_documented_ones():
     c = TrainConfig(images="x")
     assert (c.rank, c.alpha, c.targets, c.text_encoder) == (4, None, "cross-attn", True)
-    assert (c.lr, c.te_lr, c.optimizer, c.lr_scheduler, c.warmup_steps, c.max_grad_norm) == (
-        1e-4, 5e-5, "adamw", "constant", 0, 1.0)
+    assert (c.optimizer, c.lr_scheduler, c.warmup_steps, c.max_grad_norm) == ("adamw", "constant", 0, 1.0)
+    r = c.resolved()
+    assert (r.lr, r.te_lr) == (1e-4, 5e-5)  # for Stable Diffusion checkpoints ...
+    tiny = TrainConfig(images="x", model="tiny").resolved()
+    assert (tiny.lr, tiny.te_lr) == (1e-3, 5e-4)  # ... and ten times that for the 1.4M-parameter tiny model
+    assert TrainConfig(images="x", model="tiny", lr=2e-4).resolved().lr == 2e-4  # a flag always wins
     assert (c.steps, c.epochs, c.batch_size, c.grad_accum, c.seed) == (1000, None, 1, 1, 0)
     assert (c.num_class_images, c.prior_weight, c.flip, c.resolution, c.cache) == (100, 1.0, True, None, True)
     assert (c.sample_every, c.save_every, c.keep_checkpoints, c.attention) == (250, 250, 3, "sdpa")

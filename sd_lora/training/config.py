@@ -28,6 +28,11 @@ class TrainingError(RuntimeError):
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PROMPT = "an image in the style of {token}"
+# Learning rates: kohya's and diffusers' usual LoRA rates for Stable Diffusion checkpoints. The built-in tiny model
+# (1.4M-parameter UNet, trained itself at 1e-3) barely moves at those in 1000 steps: the mozart_art demo's style score
+# reached 0.16 at 1e-4 and 0.73 at 1e-3 (bench/RESULTS.md, "style"), so --model tiny defaults to ten times more.
+DEFAULT_LR = {"unet": 1e-4, "text_encoder": 5e-5}
+TINY_LR = {"unet": 1e-3, "text_encoder": 5e-4}
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
 
 CHOICES = {
@@ -70,8 +75,10 @@ class TrainConfig:
     alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)", float)
     text_encoder: bool = _opt(True, "also train the text encoder (--no-text-encoder trains the UNet only)")
     # Optimisation
-    lr: float = _opt(1e-4, "UNet learning rate", float)
-    te_lr: float = _opt(5e-5, "text-encoder learning rate", float)
+    lr: float | None = _opt(None, f"UNet learning rate (default {DEFAULT_LR['unet']:g}; {TINY_LR['unet']:g} for the "
+                                  f"tiny model)", float)
+    te_lr: float | None = _opt(None, f"text-encoder learning rate (default {DEFAULT_LR['text_encoder']:g}; "
+                                     f"{TINY_LR['text_encoder']:g} for the tiny model)", float)
     optimizer: str = _opt("adamw", "optimizer (adamw8bit needs the bnb extra and CUDA)", str)
     lr_scheduler: str = _opt("constant", "learning-rate schedule after warmup", str)
     warmup_steps: int = _opt(0, "linear warmup steps", int)
@@ -114,12 +121,10 @@ class TrainConfig:
             raise ConfigError("--images: a folder of training images is required")
         for name in ("rank", "steps", "batch_size", "grad_accum", "num_class_images", "keep_checkpoints"):
             _require(self, name, getattr(self, name) > 0, "must be a positive integer")
-        for name in ("lr", "te_lr"):
-            _require(self, name, getattr(self, name) > 0, "must be greater than 0")
         for name in ("warmup_steps", "sample_every", "save_every", "seed", "noise_offset", "prior_weight",
                      "max_grad_norm"):
             _require(self, name, getattr(self, name) >= 0, "must not be negative")
-        for name in ("alpha", "epochs", "min_snr_gamma"):
+        for name in ("lr", "te_lr", "alpha", "epochs", "min_snr_gamma"):
             value = getattr(self, name)
             _require(self, name, value is None or value > 0, "must be greater than 0")
         if self.resolution is not None:
@@ -143,18 +148,22 @@ class TrainConfig:
         return self
 
     def resolved(self) -> TrainConfig:
-        """A validated copy with the derived defaults filled in: token, prompt, alpha, name, output, class images,
-        sample prompts. Resolution and mixed precision stay as given (they depend on the model and device)."""
+        """A validated copy with the derived defaults filled in: token, prompt, alpha, learning rates, name, output,
+        class images, sample prompts. Resolution and mixed precision stay as given (they depend on the model and
+        device)."""
         self.validate()
         token = (self.token or Path(self.images).expanduser().resolve().name).strip()
         name = self.name or _safe_name(token)
         output = self.output or str(Path("output") / name)
         prompts = self.sample_prompts or DEFAULT_SAMPLE_PROMPTS
+        rates = TINY_LR if self.model == "tiny" else DEFAULT_LR
         return dataclasses.replace(
             self,
             token=token,
             prompt=(self.prompt or DEFAULT_PROMPT).replace("{token}", token),
             alpha=float(self.rank) if self.alpha is None else self.alpha,
+            lr=self.lr if self.lr is not None else rates["unet"],
+            te_lr=self.te_lr if self.te_lr is not None else rates["text_encoder"],
             name=name,
             output=output,
             class_images=(self.class_images or str(Path(output) / "class_images")) if self.class_prompt else None,
