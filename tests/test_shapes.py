@@ -160,3 +160,16 @@ def test_script_writes_the_dataset(tmp_path):
         sys.argv = argv
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"mozart_{i:02d}.{ext}" for i in range(4) for ext in ("png", "txt")])
+
+
+def test_the_vae_s_generic_pictures_are_reproducible_and_go_beyond_the_palette():
+    from sd_lora.training.clutter import clutter_images
+    from sd_lora.training.shapes import PALETTE
+
+    a, b = clutter_images(12, seed=0), clutter_images(12, seed=0)
+    assert a.shape == (12, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, clutter_images(12, seed=1))
+    pixels = a.reshape(-1, 3).astype(np.int32)
+    palette = np.array(list(PALETTE.values()))
+    far = np.abs(pixels[:, None, :] - palette[None]).sum(-1).min(1) > 60  # not near any of the 8 scene colors
+    assert far.mean() > 0.5  # cream, gold, pastel... what the scenes never show, so the decoder learns to draw it
