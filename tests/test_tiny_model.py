@@ -36,6 +36,13 @@ def test_training_script_quick_run_writes_loadable_fp16_weights(tmp_path):
     image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    # --vae-from: a UNet-only run on top of that VAE keeps it as it is.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "base_tiny.py"), "--quick", "--out", str(again),
+                           "--vae-from", str(out)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with safe_open(out / WEIGHTS[1], "pt") as a, safe_open(again / WEIGHTS[1], "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
 
 
 def test_shipped_model_draws_the_held_out_captions():
