@@ -48,7 +48,7 @@ def test_training_script_quick_run_writes_loadable_fp16_weights(tmp_path):
 def test_shipped_model_draws_the_held_out_captions():
     """A smaller bench/tiny_quality.py: 8 held-out (never trained on) combinations, same seeds and guidance.
 
-    The full benchmark (48 captions) measures 100% color, 100% background, 54% shape; random weights score ~4%
+    The full benchmark (48 captions) measures 100% color, 100% background, 60% shape; random weights score ~6%
     color. These floors are regression guards on the first 8 captions, not the issue's goals."""
     sys.path.insert(0, str(ROOT / "bench"))
     from tiny_quality import generate, score

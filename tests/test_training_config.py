@@ -38,7 +38,7 @@ def test_defaults_are_the_documented_ones():
     r = c.resolved()
     assert (r.lr, r.te_lr) == (1e-4, 5e-5)  # for Stable Diffusion checkpoints ...
     tiny = TrainConfig(images="x", model="tiny").resolved()
-    assert (tiny.lr, tiny.te_lr) == (1e-3, 5e-4)  # ... and ten times that for the 1.4M-parameter tiny model
+    assert (tiny.lr, tiny.te_lr) == (1e-3, 1e-3)  # ... and more for the 1.4M-parameter tiny model
     assert TrainConfig(images="x", model="tiny", lr=2e-4).resolved().lr == 2e-4  # a flag always wins
     assert (c.steps, c.epochs, c.batch_size, c.grad_accum, c.seed) == (1000, None, 1, 1, 0)
     assert (c.num_class_images, c.prior_weight, c.flip, c.resolution, c.cache) == (100, 1.0, True, None, True)

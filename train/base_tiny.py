@@ -53,7 +53,7 @@ def parse(argv=None):
                    help="take the VAE from this model folder (an earlier run's --out) and train only the UNet")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond", type=float, default=0.1, help="caption dropout, for classifier-free guidance")

@@ -29,10 +29,10 @@ class TrainingError(RuntimeError):
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PROMPT = "an image in the style of {token}"
 # Learning rates: kohya's and diffusers' usual LoRA rates for Stable Diffusion checkpoints. The built-in tiny model
-# (1.4M-parameter UNet, trained itself at 1e-3) barely moves at those in 1000 steps: the mozart_art demo's style score
-# reached 0.16 at 1e-4 and 0.73 at 1e-3 (bench/RESULTS.md, "style"), so --model tiny defaults to ten times more.
+# (1.4M-parameter UNet, trained itself at 1e-3) barely moves at those in 1000 steps: on the mozart_art demo the style
+# score reached 0.09 at 1e-4/5e-5 and 0.75 at 1e-3/1e-3 (bench/RESULTS.md, "style"), so --model tiny defaults to that.
 DEFAULT_LR = {"unet": 1e-4, "text_encoder": 5e-5}
-TINY_LR = {"unet": 1e-3, "text_encoder": 5e-4}
+TINY_LR = {"unet": 1e-3, "text_encoder": 1e-3}
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
 
 CHOICES = {

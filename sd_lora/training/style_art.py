@@ -161,3 +161,47 @@ def write_dataset(folder: str | Path, n: int = DATASET_SIZE, seed: int = DATASET
         (folder / f"{stem}.txt").write_text(text + "\n")
         paths.append(folder / f"{stem}.png")
     return paths
+
+
+# What a mozart_art adapter must do on prompts it never saw (issue 6): the base scores at most 0.2, the adapter
+# at weight 1 at least 0.7, and the object keeps its color in at least 70% of the pictures.
+STYLE_GOALS = {"base_style_max": 0.2, "style_min": 0.7, "color_min": 0.7}
+STYLE_GUIDANCE = 2.0  # the tiny model's guidance (sd_lora.pipeline.default_guidance)
+
+
+def style_prompts(n: int, token: str = "mozart_art", seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, caption) pairs on held-out combinations, which neither the base nor the style set ever showed:
+    the prompt carries the trigger token as the trainer writes it ("mozart_art, a red star on ..."); the caption
+    is what the metrics judge against."""
+    from sd_lora.training.shapes import held_out_captions
+
+    return [(f"{token}, {text}", text) for text in held_out_captions(n, seed)]
+
+
+def evaluate_style(pipe, lora, name: str, prompts: list[tuple[str, str]], weights=(0.0, 0.5, 1.0),
+                   steps: int = 20, guidance: float = STYLE_GUIDANCE, batch: int = 16) -> dict[float, dict]:
+    """Generate every prompt at each weight of adapter `name` (image i always from seed i) and score it.
+
+    Returns {weight: {"style": mean style_score, "color": share of object colors that match, "images": [...]}}.
+    Weight 0 is the base model: the same pipeline with the adapter switched off.
+    """
+    import torch
+
+    from sd_lora.training.metrics import match, style_score
+
+    out = {}
+    for weight in weights:
+        lora.set_weights({name: weight})
+        images = []
+        for start in range(0, len(prompts), batch):
+            chunk = [p for p, _ in prompts[start:start + batch]]
+            gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+            images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                           height=64, width=64).images
+        captions = [c for _, c in prompts]
+        out[weight] = {
+            "style": float(np.mean([style_score(im, c) for im, c in zip(images, captions)])),
+            "color": float(np.mean([match(im, c)["color"] for im, c in zip(images, captions)])),
+            "images": images,
+        }
+    return out
