@@ -357,7 +357,7 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
     (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
         config(images, out, lr=3e-4).resolved())}))
     code, err = _main(style_args(images, out, "--resume", "latest", "--steps", "50"), capsys)
-    assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.0001 here)" in err
+    assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.001 here)" in err
 
 
 @pytest.mark.parametrize("flags,message", [
