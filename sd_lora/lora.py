@@ -148,11 +148,9 @@ class LoRALayer(nn.Module):
             self.original = weight.data if on_cpu else weight.detach().to("cpu", copy=True)
         active = [n for n in self.names if self.blend.weight(n) != 0.0]
         with torch.no_grad():
-            if not active:  # nothing to add: the original, bit for bit (kept in the folded tensor, if there is
-                if self._shares_original():  # one, so the next blend re-folds in place without allocating)
-                    pass
-                elif self._writable_in_place():
-                    weight.copy_(self.original)
+            if not active:  # nothing to add: the original values, bit for bit
+                if self._writable_in_place():
+                    weight.copy_(self.original)  # kept in the folded tensor: the next blend re-folds in place
                 else:
                     self._restore()
             else:
