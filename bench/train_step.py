@@ -48,7 +48,8 @@ from PIL import Image, ImageDraw
 
 import sd_lora
 from sd_lora.training import TrainConfig, loop, prepare
-from sd_lora.training.data import LiveLatents, assign_buckets, sample_latents, scan_images
+from sd_lora.training.caches import LiveLatents, sample_latents
+from sd_lora.training.data import assign_buckets, scan_images
 
 RANK = 4
 # The public SD1.5 (stable-diffusion-v1-5) VAE config.

@@ -99,7 +99,7 @@ def test_fold_matches_live_and_unfold_is_bit_exact(setup):
 
 
 def test_on_the_cpu_the_saved_original_is_the_weight_itself_and_costs_memory_only_while_folded(setup):
-    layer, blend, _adapters, x = setup
+    layer, blend, _adapters, _x = setup
     weight = layer.base.weight.data
     snapshot = weight.clone()
     assert layer.extra_bytes() == 0
@@ -121,7 +121,7 @@ def test_on_the_cpu_the_saved_original_is_the_weight_itself_and_costs_memory_onl
 
 
 def test_fold_into_a_half_precision_weight_sums_in_fp32_and_casts_once(setup):
-    layer, blend, _adapters, x = setup
+    layer, blend, _adapters, _x = setup
     layer.base.half()
     original = layer.base.weight.detach().clone()
     blend.weights = {"a": 0.7, "c": -0.4}

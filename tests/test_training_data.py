@@ -11,26 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lora.training import data
+from sd_lora.training import caches
+from sd_lora.training.caches import LatentCache, LiveLatents, TextCache, encode_text, sample_latents, tokenize
 from sd_lora.training.data import (
     BucketSampler,
     DatasetError,
-    LatentCache,
-    LiveLatents,
-    TextCache,
     assign_buckets,
     bucket_counts,
-    encode_text,
     generate_class_images,
     load_image,
     make_buckets,
     nearest_bucket,
     pixels,
     read_caption,
-    sample_latents,
     scan_images,
     tag_frequency,
-    tokenize,
     with_token,
 )
 
@@ -258,7 +253,7 @@ def test_cached_latents_equal_fresh_encodes(tiny, two_images, tmp_path, monkeypa
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     assert not list((tmp_path / "cache").glob(".*"))  # no temporary files left
     calls = []
-    monkeypatch.setattr(data, "encode_pixels", lambda *a: calls.append(a) or torch.zeros(1))
+    monkeypatch.setattr(caches, "encode_pixels", lambda *a: calls.append(a) or torch.zeros(1))
     again = LatentCache(two_images, tiny.vae, flip=True, cache_dir=tmp_path / "cache")
     assert calls == []  # a second run reads the disk cache instead of encoding
     monkeypatch.undo()
@@ -294,7 +289,7 @@ def test_text_cache_equals_fresh_encodes(tiny):
     assert torch.equal(cache([PROMPT]), fresh)
     assert cache(captions).shape == (3, tiny.tokenizer.model_max_length, 64)
     long = "mozart, " + "a very long caption " * 30
-    assert data.truncated_captions(tiny.tokenizer, [PROMPT, long, long]) == [long]
+    assert caches.truncated_captions(tiny.tokenizer, [PROMPT, long, long]) == [long]
 
 
 def test_class_images_are_generated_and_an_interrupted_run_resumes_to_the_same_files(tiny, tmp_path):

@@ -398,3 +398,11 @@ def test_a_half_precision_model_folder_trains_on_the_cpu(images, tmp_path):
     folder = write_folder(sd_lora.load_pipeline("tiny"), tmp_path / "tiny_fp16", torch.float16)
     result = loop.train(config(images, tmp_path / "out", model=str(folder), steps=2))
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+
+
+def test_a_caption_longer_than_the_text_encoder_window_is_named_in_a_warning(images, tmp_path, capsys):
+    (images / "art_1.txt").write_text("a blue circle, " + "with a very long ornate golden frame " * 12)
+    loop.train(config(images, tmp_path / "out", steps=1))
+    err = capsys.readouterr().err
+    assert "warning: 1 caption(s) are longer than the text encoder's 77 tokens" in err
+    assert "a blue circle, with a very long ornate" in err

@@ -1,5 +1,6 @@
-"""Training data: find images and captions, normalise them, put them in aspect-ratio buckets, cache their latents
-and text embeddings, make prior-preservation class images, and hand out reproducible batches.
+"""Training data: find images and captions, normalise them, put them in aspect-ratio buckets, make
+prior-preservation class images, and hand out reproducible batches. Latent and text-embedding caches live in
+caches.py.
 
 The order of use, as the loop does it:
 
@@ -17,8 +18,7 @@ they give the same latents bit for bit on CPU.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import math
 import os
 import random
@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sd_lora.atomic import atomic_write_bytes
 from sd_lora.training.config import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference
-CACHE_VERSION = 1  # bump when the pixels fed to the VAE change for the same file
+Key = tuple[int, bool]  # (record index, flipped): one training example
 
 
 class DatasetError(UsageError):
@@ -272,171 +273,6 @@ def pixels(record: ImageRecord, flip: bool = False) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Latents
-
-
-Key = tuple[int, bool]  # (record index, flipped)
-
-
-@torch.no_grad()
-def encode_pixels(vae, pixel_batch: torch.Tensor) -> torch.Tensor:
-    """The VAE's latent distribution parameters (mean and log-variance concatenated on channels) for a batch of
-    [-1, 1] pixels, as float32 on the CPU. Keeping the distribution, not a sample, lets every step draw a fresh
-    sample the way the uncached reference does."""
-    param = next(vae.parameters())
-    dist = vae.encode(pixel_batch.to(param.device, param.dtype)).latent_dist
-    return torch.cat([dist.mean, dist.logvar], dim=1).float().cpu()
-
-
-def sample_latents(params: torch.Tensor, vae_config, generator: torch.Generator | None = None,
-                   sample: bool = True) -> torch.Tensor:
-    """Scaled latents the UNet trains on, from encode_pixels' parameters: a draw from N(mean, exp(logvar)) (or the
-    mean when sample=False), shifted and scaled by the VAE config's shift_factor and scaling_factor."""
-    mean, logvar = params.chunk(2, dim=1)
-    latents = mean
-    if sample:
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu",
-                            dtype=mean.dtype).to(mean.device)
-        latents = mean + std * noise
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae_config.scaling_factor
-
-
-class LiveLatents:
-    """The uncached path: encode the batch's images on every call (each image on its own, like the cache)."""
-
-    def __init__(self, records: Sequence[ImageRecord], vae):
-        self.records, self.vae = list(records), vae
-
-    def params(self, keys: Sequence[Key]) -> torch.Tensor:
-        return torch.cat([encode_pixels(self.vae, pixels(self.records[i], flip)[None]) for i, flip in keys])
-
-
-class LatentCache:
-    """Latent parameters for every (image, flip), encoded once up front: in RAM, or under `cache_dir` as one
-    safetensors file per image and flip, named by a hash of the file's bytes, the bucket and the VAE, so a changed
-    image or model never reuses a stale entry. Files are written atomically; a killed run leaves no half file."""
-
-    def __init__(self, records: Sequence[ImageRecord], vae, flip: bool = True,
-                 cache_dir: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None):
-        self.records = list(records)
-        self.flips = (False, True) if flip else (False,)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._ram: dict[Key, torch.Tensor] = {}
-        self._files: dict[Key, Path] = {}
-        fingerprint = vae_fingerprint(vae) if self.cache_dir is not None else ""
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-        total = len(self.records) * len(self.flips)
-        for n, key in enumerate((i, f) for i in range(len(self.records)) for f in self.flips):
-            self._fill(key, vae, fingerprint)
-            if progress:
-                progress(n + 1, total)
-
-    def _fill(self, key: Key, vae, fingerprint: str) -> None:
-        index, flip = key
-        record = self.records[index]
-        if self.cache_dir is None:
-            self._ram[key] = encode_pixels(vae, pixels(record, flip)[None])
-            return
-        from safetensors.torch import save_file
-
-        path = self.cache_dir / f"{_cache_key(record, flip, fingerprint)}.safetensors"
-        if not path.is_file():
-            params = encode_pixels(vae, pixels(record, flip)[None])
-            _atomic_write(path, lambda tmp: save_file({"params": params.contiguous()}, str(tmp)))
-        self._files[key] = path
-
-    def params(self, keys: Sequence[Key]) -> torch.Tensor:
-        for i, flip in keys:
-            if flip and True not in self.flips:
-                raise KeyError(f"image {i}: flipped latents were not cached (flip=False)")
-        return torch.cat([self._get(key) for key in keys])
-
-    def _get(self, key: Key) -> torch.Tensor:
-        if self.cache_dir is None:
-            return self._ram[key]
-        from safetensors.torch import load_file
-
-        return load_file(str(self._files[key]))["params"]
-
-
-def vae_fingerprint(vae) -> str:
-    """A cheap identity for a VAE's weights: its config plus each tensor's name, shape, dtype, sum and first values.
-    Catches a different model, a retrained one or another dtype without hashing hundreds of megabytes."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in vae.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{flat.double().sum().item():.17g}".encode())
-            h.update(flat[:8].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_key(record: ImageRecord, flip: bool, fingerprint: str) -> str:
-    h = hashlib.sha256(record.path.read_bytes())
-    h.update(f"|{record.bucket}|{flip}|{fingerprint}|v{CACHE_VERSION}".encode())
-    return h.hexdigest()[:32]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary file in the same folder, then rename: readers see the old file or the
-    whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Text embeddings
-
-
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids [B, model_max_length], padded and truncated as Stable Diffusion pipelines do."""
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state, the conditioning SD1.x/2.x pipelines use (with its attention mask
-    only for encoders configured to want one, as diffusers does)."""
-    device = next(text_encoder.parameters()).device
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = (input_ids != text_encoder.config.pad_token_id).long().to(device)
-    return text_encoder(input_ids.to(device), attention_mask=mask)[0]
-
-
-def truncated_captions(tokenizer, captions: Sequence[str]) -> list[str]:
-    """Captions longer than the tokenizer's window (their end is cut off in training)."""
-    limit = tokenizer.model_max_length
-    return [c for c in dict.fromkeys(captions) if len(tokenizer(c, truncation=False).input_ids) > limit]
-
-
-class TextCache:
-    """Embeddings of each distinct caption, computed once with a frozen text encoder (each on its own, so they equal
-    a live batch-of-one encode bit for bit on CPU). Kept on the CPU."""
-
-    def __init__(self, captions: Sequence[str], tokenizer, text_encoder):
-        self._embeddings = {}
-        with torch.no_grad():
-            for caption in dict.fromkeys(captions):
-                self._embeddings[caption] = encode_text(text_encoder, tokenize(tokenizer, [caption]))[0].cpu()
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return torch.stack([self._embeddings[c] for c in captions])
-
-    def __len__(self) -> int:
-        return len(self._embeddings)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Prior preservation
 
 
@@ -479,7 +315,9 @@ def generate_class_images(folder: str | os.PathLike, prompt: str, num_images: in
             generator = torch.Generator("cpu").manual_seed(class_image_seed(seed, index))
             image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, generator=generator, output_type="pil").images[0]
-            _atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
             written.append(path)
             if progress:
                 progress(len(written), missing)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,20 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from sd_lora.training import checkpoint, prepare, report
-from sd_lora.training.config import TrainConfig, TrainingError, UsageError
-from sd_lora.training.data import (
-    BucketSampler,
+from sd_lora.training.caches import (
     LatentCache,
     LiveLatents,
     TextCache,
-    assign_buckets,
-    bucket_counts,
     encode_text,
     sample_latents,
-    scan_images,
-    tag_frequency,
     tokenize,
+    truncated_captions,
 )
+from sd_lora.training.config import TrainConfig, TrainingError, UsageError
+from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
 
 NAN_LIMIT = 10  # this many NaN/Inf steps in a row stop the run
 SAMPLE_STEPS = 25  # denoising steps for sample images
@@ -91,6 +89,11 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
                                                  for k, v in checkpoint.identity(cfg).items()})
     if main:
         print(report.screen("sd-lora: training a style LoRA", trainer.start_rows(resume_from)), flush=True)
+        long = truncated_captions(pipe.tokenizer, [r.caption for r in records + class_records])
+        if long:
+            print(f"warning: {len(long)} caption(s) are longer than the text encoder's "
+                  f"{pipe.tokenizer.model_max_length} tokens and are cut off in training, e.g. {long[0][:80]!r}...",
+                  file=sys.stderr, flush=True)
     bar, step_seconds = prepare.progress_bar(trainer.total_steps, first, disable=not main), 0.0
     while trainer.state.step < trainer.total_steps:
         tick = time.perf_counter()
