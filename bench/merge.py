@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import clip_l, machine, random_adapter, sd15_pipeline, sd15_unet, setup
@@ -63,37 +64,49 @@ def prepare(work: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "params": params, "modules": len(w.modules)}
 
 
-def route_copy(work: Path, out: Path) -> dict:
+class Phases(dict):
+    """Seconds per named phase of one route: `with phases.timed("load"): ...`."""
+
+    @contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self[name] = time.perf_counter() - t
+
+
+def _peer_load(work: Path, phases: Phases):
     from diffusers import StableDiffusionPipeline
 
-    phases = {}
-    t = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(work / "model", safety_checker=None)
-    phases["load"] = _lap(t)
-    t = time.perf_counter()
-    pipe.save_pretrained(out, safe_serialization=True)
-    phases["save"] = _lap(t)
+    with phases.timed("load"):
+        return StableDiffusionPipeline.from_pretrained(work / "model", safety_checker=None)
+
+
+def _items(work: Path) -> list:
+    import sd_lora
+
+    return [(sd_lora.read_adapter(work / f"lora{i}.safetensors"), w) for i, w in enumerate(WEIGHTS)]
+
+
+def route_copy(work: Path, out: Path) -> dict:
+    phases = Phases()
+    pipe = _peer_load(work, phases)
+    with phases.timed("save"):
+        pipe.save_pretrained(out, safe_serialization=True)
     return phases
 
 
 def route_diffusers(work: Path, out: Path) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    phases = {}
-    t = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(work / "model", safety_checker=None)
-    phases["load"] = _lap(t)
-    t = time.perf_counter()
-    names = [f"lora{i}" for i in range(len(WEIGHTS))]
-    for name in names:
-        pipe.load_lora_weights(str(work), weight_name=f"{name}.safetensors", adapter_name=name)
-    pipe.set_adapters(names, adapter_weights=list(WEIGHTS))
-    pipe.fuse_lora(components=["unet", "text_encoder"])
-    pipe.unload_lora_weights()  # diffusers' documented way to keep the fused weights and drop the LoRA layers
-    phases["lora"] = _lap(t)
-    t = time.perf_counter()
-    pipe.save_pretrained(out, safe_serialization=True)
-    phases["save"] = _lap(t)
+    phases = Phases()
+    pipe = _peer_load(work, phases)
+    with phases.timed("lora"):
+        names = [f"lora{i}" for i in range(len(WEIGHTS))]
+        for name in names:
+            pipe.load_lora_weights(str(work), weight_name=f"{name}.safetensors", adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=list(WEIGHTS))
+        pipe.fuse_lora(components=["unet", "text_encoder"])
+        pipe.unload_lora_weights()  # diffusers' documented way to keep the fused weights and drop the LoRA layers
+    with phases.timed("save"):
+        pipe.save_pretrained(out, safe_serialization=True)
     return phases
 
 
@@ -102,47 +115,37 @@ def route_ours_loaded(work: Path, out: Path) -> dict:
     from sd_lora import merge
     from sd_lora.checkpoint import write_folder
 
-    phases = {}
-    t = time.perf_counter()
-    pipe = sd_lora.load_pipeline(work / "model")
-    phases["load"] = _lap(t)
-    t = time.perf_counter()
-    items = [(sd_lora.read_adapter(work / f"lora{i}.safetensors"), w) for i, w in enumerate(WEIGHTS)]
-    merge.merge_into_pipeline(pipe, items)
-    phases["lora"] = _lap(t)
-    t = time.perf_counter()
-    write_folder(pipe, out)
-    phases["save"] = _lap(t)
+    phases = Phases()
+    with phases.timed("load"):
+        pipe = sd_lora.load_pipeline(work / "model")
+    with phases.timed("lora"):
+        merge.merge_into_pipeline(pipe, _items(work))
+    with phases.timed("save"):
+        write_folder(pipe, out)
     return phases
 
 
 def route_ours_folder(work: Path, out: Path) -> dict:
-    import sd_lora
     from sd_lora import merge
 
-    t = time.perf_counter()
-    items = [(sd_lora.read_adapter(work / f"lora{i}.safetensors"), w) for i, w in enumerate(WEIGHTS)]
-    merge.merge_checkpoint(work / "model", items, out)
-    return {"all": _lap(t)}
+    phases = Phases()
+    with phases.timed("all"):
+        merge.merge_checkpoint(work / "model", _items(work), out)
+    return phases
 
 
 def route_ours_single(work: Path, out: Path) -> dict:
-    import sd_lora
     from sd_lora import merge
 
-    t = time.perf_counter()
-    items = [(sd_lora.read_adapter(work / f"lora{i}.safetensors"), w) for i, w in enumerate(WEIGHTS)]
-    merge.merge_checkpoint(work / "model.safetensors", items, out)
-    return {"all": _lap(t)}
+    phases = Phases()
+    with phases.timed("all"):
+        merge.merge_checkpoint(work / "model.safetensors", _items(work), out)
+    return phases
 
 
 ROUTES = {"copy": (route_copy, "copy"), "diffusers": (route_diffusers, "diffusers"),
           "ours-loaded": (route_ours_loaded, "ours-loaded"), "ours-folder": (route_ours_folder, "ours-folder"),
           "ours-single": (route_ours_single, "ours.safetensors")}
-
-
-def _lap(t: float) -> float:
-    return time.perf_counter() - t
 
 
 def child(route: str, work: Path, threads: int) -> None:
@@ -158,7 +161,7 @@ def child(route: str, work: Path, threads: int) -> None:
     else:
         fn, out = ROUTES[route]
         t = time.perf_counter()
-        result = {"phases": fn(work, work / out), "seconds": _lap(t)}
+        result = {"phases": fn(work, work / out), "seconds": time.perf_counter() - t}
         if fsync[0]:
             result["phases"]["of which fsync"] = fsync[0]
     result["peak_rss_mb"] = peak_rss_mb()
