@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +33,6 @@ from sd_lora.training.caches import (
     encode_text,
     sample_latents,
     tokenize,
-    truncated_captions,
 )
 from sd_lora.training.config import TrainConfig, TrainingError, UsageError
 from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
@@ -89,11 +87,7 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
                                                  for k, v in checkpoint.identity(cfg).items()})
     if main:
         print(report.screen("sd-lora: training a style LoRA", trainer.start_rows(resume_from)), flush=True)
-        long = truncated_captions(pipe.tokenizer, [r.caption for r in records + class_records])
-        if long:
-            print(f"warning: {len(long)} caption(s) are longer than the text encoder's "
-                  f"{pipe.tokenizer.model_max_length} tokens and are cut off in training, e.g. {long[0][:80]!r}...",
-                  file=sys.stderr, flush=True)
+        prepare.warn_long_captions(pipe.tokenizer, [r.caption for r in records + class_records])
     bar, step_seconds = prepare.progress_bar(trainer.total_steps, first, disable=not main), 0.0
     while trainer.state.step < trainer.total_steps:
         tick = time.perf_counter()

@@ -108,6 +108,16 @@ def class_images(cfg: TrainConfig, pipe, resolution: int, accelerator) -> list:
     return assign_buckets(found, resolution)
 
 
+def warn_long_captions(tokenizer, captions: list[str]) -> None:
+    """One stderr line when captions do not fit the text encoder's window: their ends are cut off in training."""
+    from sd_lora.training.caches import truncated_captions
+
+    long = truncated_captions(tokenizer, captions)
+    if long:
+        print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizer.model_max_length} "
+              f"tokens and are cut off in training, e.g. {long[0][:80]!r}...", file=sys.stderr, flush=True)
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {torch.cuda.get_device_name(device)}"
