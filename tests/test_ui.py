@@ -22,6 +22,7 @@ from helpers import random_adapter, unet_out
 from PIL import Image
 
 import sd_lora
+from sd_lora import grid
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -199,10 +200,26 @@ def test_compare_makes_base_and_each_adapter_in_one_pass(client):
 def test_sweep_grid_is_labelled_five_by_y(client):
     images, _ = client.predict("a red circle", "", '{"ink": 0.6}', STEPS, 7.5, 42, 64, 64, "mozart", -1.0, 1.0,
                                "ink", 0.0, 1.0, 2, api_name="/sweep")
-    grid = Image.open(images[0]["image"])
+    sheet = Image.open(images[0]["image"])
     text = params.read_png(images[0]["image"])["parameters"]
     assert "X: \"<lora:mozart> -1, -0.5, 0, 0.5, 1\"" in text and "<lora:ink> 0, 1" in text
-    assert grid.width > 5 * 160 and grid.height > 2 * 160  # tiles scaled up next to their labels
+    assert sheet.width > 5 * 160 and sheet.height > 2 * 160  # tiles scaled up next to their labels
+
+
+def test_sweep_tiles_are_the_images_each_blend_makes(client):
+    """Y = seed; the other enabled adapter keeps its own text-encoder weight in every tile."""
+    mozart = {"unet": 0.6, "text_encoder": -1.0}  # mozart has text-encoder modules (ink has none)
+    images, _ = client.predict("a red circle", "", json.dumps({"mozart": mozart}), STEPS, 7.5, 42, 64, 64, "ink",
+                               -1.0, 1.0, "seed", 0.0, 1.0, 2, api_name="/sweep")
+    xs = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    rows = [[Image.open(generate(client, {"ink": x, "mozart": mozart}, seed=seed)[0][0]["image"]).convert("RGB")
+             for x in xs] for seed in (42, 43)]
+    expected = grid.labelled_grid(rows, [f"ink {params.number(x)}" for x in xs], ["seed 42", "seed 43"],
+                                  title="a red circle")
+    got = np.asarray(Image.open(images[0]["image"]).convert("RGB"), dtype=np.int16)
+    assert got.shape == np.asarray(expected).shape
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 2  # batched vs single: last-bit differences
+    assert not np.array_equal(np.asarray(rows[0][0]), np.asarray(rows[0][4]))  # the weight shows in the tiles
 
 
 def test_export_blend_writes_a_lora_that_sd_lora_and_diffusers_load(app, client):

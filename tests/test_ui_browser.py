@@ -3,6 +3,7 @@ slider is moved, Generate is clicked, and an image appears. The screenshot is ke
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,9 +19,14 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install -y chromium")
-    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    missing = ("Debian's chromium is not installed (/usr/bin/chromium): apt-get install -y chromium"
+               if not CHROMIUM.is_file() else None)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = missing or "the playwright Python package is not installed (pip install -e '.[dev]')"
+    if missing:  # .ci/run sets SD_LORA_REQUIRE_BROWSER: there a missing browser is a failure, not a skip
+        (pytest.fail if os.environ.get("SD_LORA_REQUIRE_BROWSER") else pytest.skip)(missing)
     pytest.importorskip("gradio")
     from test_ui import App, write_library
 
@@ -54,6 +60,9 @@ def test_move_a_slider_generate_and_see_the_image(app, page):
     # elem_id on two nested elements, hence .first.)
     expect(page.locator("#lora-row-1").first).to_contain_text("Mozart style")
     expect(page.locator("#lora-row-2").first).to_contain_text("Disabled")
+    card = page.locator("#lora-row-0").first  # ink: rank, family and the .preview.png sidecar on its card
+    expect(card).to_contain_text("SD 1.x · rank 4 · 84 UNet modules")
+    expect(card.locator("img").first).to_be_visible()
 
     page.locator("#prompt textarea").fill("a red circle on a blue background")
     page.locator("#steps input[type=number]").fill("3")
@@ -94,3 +103,75 @@ def test_upload_adds_a_row_and_rejects_what_is_not_a_lora(app, page, tmp_path):
     expect(page.get_by_text("added watercolor")).to_be_visible()
     expect(page.get_by_text(re.compile("rejected: notes.safetensors: not a safetensors file"))).to_be_visible()
     assert (app.adapters / "watercolor.safetensors").is_file() and not (app.adapters / "notes.safetensors").exists()
+
+
+def test_trigger_advanced_weights_compare_sweep_export_and_merge(app, page):
+    """The rest of the page as a person uses it: one click inserts trigger words, the advanced toggle gives a row its
+    own text-encoder weight (kept across toggles), and Compare, Sweep, Export and Merge write files that load."""
+    from playwright.sync_api import expect
+
+    import sd_lora
+
+    page.goto(app.url)
+    expect(page.get_by_role("heading", name="sd-lora studio")).to_be_visible(timeout=60_000)
+    page.locator("#prompt textarea").fill("a red circle")
+    page.locator("#lora-trigger-1").click()  # mozart's card: "+ mozart style"
+    expect(page.locator("#prompt textarea")).to_have_value("a red circle, mozart style")
+    page.locator("#prompt textarea").fill("a red circle")
+    page.locator("#steps input[type=number]").fill("3")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#seed input").fill("42")
+
+    weight, te = page.locator("#lora-weight-1 input[type=range]"), page.locator("#lora-te-1 input[type=range]")
+    weight.focus()
+    for _ in range(4):  # mozart 1.0 -> 0.8; outside advanced mode the text-encoder weight follows
+        weight.press("ArrowLeft")
+    page.locator("#advanced input").check()
+    expect(page.locator("#lora-te-1 input[type=number]")).to_have_value("0.8")
+    te.focus()
+    for _ in range(6):  # its own text-encoder weight: 0.5
+        te.press("ArrowLeft")
+    page.locator("#advanced input").uncheck()
+    page.locator("#advanced input").check()
+    expect(page.locator("#lora-te-1 input[type=number]")).to_have_value("0.5")  # toggling keeps it
+    expect(page.locator("#lora-weight-1 input[type=number]")).to_have_value("0.8")
+    page.locator("#lora-on-0 input").check()  # ink at its preferred weight, 0.6
+
+    page.locator("#generate-btn").click()  # the export's thumbnail is the last image
+    expect(page.locator("#status")).to_contain_text("Done", timeout=90_000)
+
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-btn").click()
+    expect(page.locator("#compare-image img")).to_be_visible(timeout=90_000)
+    page.locator("#sweep-btn").click()
+    expect(page.locator("#sweep-image img")).to_be_visible(timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui_compare.png"), full_page=True)
+    compare = sorted((app.outputs / "compare").rglob("*.png"))
+    labels = [sd_lora_params(p).get("compare") for p in compare]
+    assert ["base model", "ink 0.6", "mozart 0.8 / te 0.5", "blend"] in labels
+    assert len(list((app.outputs / "grids").rglob("*.png"))) >= 1
+
+    page.get_by_role("tab", name="Merge & export").click()
+    page.locator("#card-title input, #card-title textarea").first.fill("Ink and Mozart")
+    page.locator("#export-btn").click()
+    expect(page.locator("#export-file")).to_be_visible(timeout=60_000)
+    exported = sd_lora.read_adapter(app.outputs / "loras" / "blend.safetensors")
+    assert exported.metadata["modelspec.title"] == "Ink and Mozart" and "modelspec.thumbnail" in exported.metadata
+    mozart = sd_lora.read_adapter(app.adapters / "mozart.safetensors")
+    name = next(n for n in mozart.modules if n.startswith("text_encoder."))  # ink has no text-encoder modules
+    assert abs(float(exported.modules[name].delta().norm() / mozart.modules[name].delta().norm()) - 0.5) < 1e-2
+
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-file")).to_be_visible(timeout=120_000)
+    merged = list((app.outputs / "checkpoints").glob("*.safetensors"))
+    assert len(merged) == 1
+    sd_lora.load_pipeline(merged[0])  # loads as a plain model
+
+
+def sd_lora_params(path: Path) -> dict:
+    import json
+
+    from PIL import Image
+
+    return json.loads(Image.open(path).text.get("sd-lora", "{}"))

@@ -19,7 +19,7 @@ def safely(action) -> Result:
     """Run an engine call; a failure becomes a message for the user instead of a traceback."""
     try:
         return action()
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever failed, the user reads why and the app keeps serving
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise gr.Error(message if isinstance(e, ValueError) else f"{type(e).__name__}: {message}") from None
 

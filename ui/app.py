@@ -29,7 +29,7 @@ from ui import api, catalog
 from ui.api import PROGRESS, notes, safely, tracker
 from ui.engine import LIMITS, Settings, Studio
 
-MAX_ROWS = 8  # adapter rows made up front; unused ones stay hidden
+MAX_ROWS = 24  # adapter rows made up front; unused ones stay hidden
 SLOT_FIELDS = ("group", "preview", "card", "on", "weight", "te", "trigger")
 LICENSES = ["", "CreativeML OpenRAIL-M", "CC-BY-4.0", "CC-BY-NC-4.0", "Apache-2.0", "MIT"]
 CSS = """
@@ -72,7 +72,7 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                     dice = gr.Button("Random", scale=0, min_width=80)
                     count = gr.Slider(*LIMITS["count"], value=1, step=1, label="Batch count", scale=3)
                 gr.Markdown("### Adapters")
-                advanced = gr.Checkbox(False, label="Advanced: separate text-encoder weights")
+                advanced = gr.Checkbox(False, label="Advanced: separate text-encoder weights", elem_id="advanced")
                 slots = [_slot(studio, names0[i], i) for i in range(MAX_ROWS)]
                 overflow = gr.Markdown(_overflow(studio))
                 with gr.Accordion("Add adapters", open=not studio.entries):
@@ -89,10 +89,11 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                                               interactive=False, buttons=["copy"], elem_id="infotext")
                         blend_box = gr.Code(language="json", lines=2, label="weights_json for the API")
                 with gr.Tab("Compare"):
-                    compare = gr.Button("Compare: base + each enabled adapter, same seed", variant="primary")
+                    compare = gr.Button("Compare: base + each enabled adapter, same seed", variant="primary",
+                                        elem_id="compare-btn")
                     compare_image = gr.Image(show_label=False, type="filepath", interactive=False, height=240,
                                              elem_id="compare-image")
-                    compare_status = gr.Markdown()
+                    compare_status = gr.Markdown(elem_id="compare-status")
                     gr.Markdown("#### Weight sweep\nX: one adapter's weight in 5 steps. Y: a second adapter's "
                                 "weight, or the seed. The other enabled adapters keep their weights.")
                     with gr.Row():
@@ -104,7 +105,7 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                         y_from = gr.Number(0.0, label="Y from")
                         y_to = gr.Number(1.0, label="Y to")
                         y_steps = gr.Slider(1, 5, value=3, step=1, label="Y steps")
-                    sweep = gr.Button("Make sweep grid")
+                    sweep = gr.Button("Make sweep grid", elem_id="sweep-btn")
                     sweep_image = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="sweep-image")
                     sweep_status = gr.Markdown()
                 with gr.Tab("Merge & export"):
@@ -115,22 +116,24 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                         method = gr.Radio(["Exact", "SVD"], value="Exact", label="Method")
                         rank = gr.Slider(1, 128, value=8, step=1, label="SVD rank", visible=False)
                     with gr.Row():
-                        card_title = gr.Textbox(label="Title")
+                        card_title = gr.Textbox(label="Title", elem_id="card-title")
                         card_author = gr.Textbox(label="Author")
                         card_license = gr.Dropdown(LICENSES, value="", allow_custom_value=True, label="License")
                     card_trigger = gr.Textbox(label="Trigger words")
                     card_description = gr.Textbox(label="Description", lines=2)
                     use_thumb = gr.Checkbox(True, label="Thumbnail: the last generated image")
-                    export = gr.Button("Export blend as LoRA", variant="primary")
-                    export_file = gr.File(label="Exported LoRA", interactive=False, visible=False)
+                    export = gr.Button("Export blend as LoRA", variant="primary", elem_id="export-btn")
+                    export_file = gr.File(label="Exported LoRA", interactive=False, visible=False,
+                                          elem_id="export-file")
                     export_status = gr.Markdown()
                     gr.Markdown("#### Merge into checkpoint\nThe base model with the blend folded into its "
                                 "weights: zero overhead at inference, loads anywhere as a plain model.")
                     merge_format = gr.Radio(["Single file .safetensors (A1111, ComfyUI)",
                                              "diffusers folder (.zip)"], value=
                                             "Single file .safetensors (A1111, ComfyUI)", label="Format")
-                    merge = gr.Button("Merge into checkpoint", variant="primary")
-                    merge_file = gr.File(label="Merged checkpoint", interactive=False, visible=False)
+                    merge = gr.Button("Merge into checkpoint", variant="primary", elem_id="merge-btn")
+                    merge_file = gr.File(label="Merged checkpoint", interactive=False, visible=False,
+                                         elem_id="merge-file")
                     merge_status = gr.Markdown()
                 with gr.Tab("API"):
                     gr.Markdown(api.HELP)
@@ -138,14 +141,15 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
         # ---- the adapter rows ----------------------------------------------------------------------------------
         for s in slots:  # moving a slider switches its adapter on; the trigger button fills the prompt
             s["weight"].input(None, None, s["on"], js="() => true")
+            # Outside advanced mode the text-encoder weight follows the row's weight; in it, each keeps its own.
+            s["weight"].input(None, [advanced, s["weight"], s["te"]], s["te"], js="(adv, w, te) => adv ? te : w")
             s["trigger"].click(None, [prompt, s["trigger"]], prompt, js=_INSERT_TRIGGER)
-        weights = [s["weight"] for s in slots]
 
-        def on_advanced(adv: bool, shown: list, *w: float) -> list:
+        def on_advanced(adv: bool, shown: list) -> list:  # shows or hides the sliders; their values stay
             usable = [bool(n) and studio.entries[n].usable for n in shown]
-            return [gr.update(visible=adv and ok, value=v) for ok, v in zip(usable, w)]
+            return [gr.update(visible=adv and ok) for ok in usable]
 
-        advanced.change(on_advanced, [advanced, names, *weights], [s["te"] for s in slots], api_visibility="private")
+        advanced.change(on_advanced, [advanced, names], [s["te"] for s in slots], api_visibility="private")
         dice.click(None, None, seed, js="() => Math.floor(Math.random() * 2147483647)")
         method.change(lambda m: gr.update(visible=m == "SVD"), method, rank, api_visibility="private")
         rows_out = [names, title, overflow, x_name, y_axis, *[s[f] for s in slots for f in SLOT_FIELDS]]
@@ -247,8 +251,9 @@ def _slot(studio: Studio, name: str | None, i: int) -> dict:
                                    label=name or "weight", scale=3, visible=usable,
                                    elem_id=f"lora-weight-{i}")
                 te = gr.Slider(*catalog.WEIGHT_RANGE, value=e.weight if e else 1.0, step=0.05,
-                               label="text encoder", scale=2, visible=False)
-            trigger = gr.Button(f"+ {e.trigger}" if e else "", size="sm", visible=bool(e and e.trigger and e.usable))
+                               label="text encoder", scale=2, visible=False, elem_id=f"lora-te-{i}")
+            trigger = gr.Button(f"+ {e.trigger}" if e else "", size="sm", visible=bool(e and e.trigger and e.usable),
+                                elem_id=f"lora-trigger-{i}")
     return {"group": group, "preview": preview, "card": card, "on": on, "weight": weight, "te": te,
             "trigger": trigger}
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 import sd_lora
 from sd_lora import grid, merge
+from sd_lora.atomic import atomic_file, atomic_write_bytes
 from sd_lora.formats.detect import model_family
 from ui import catalog, params
 
@@ -276,7 +277,7 @@ class Studio:
         y_steps = int(min(max(int(y_steps), 1), SWEEP_STEPS))
         xs = _steps(*x_range, SWEEP_STEPS)
         ys = [s.seed + j for j in range(y_steps)] if y_axis == "seed" else _steps(*y_range, y_steps)
-        base = {n: w["unet"] for n, w in weights.items()}
+        base = {n: dict(w) for n, w in weights.items()}  # the other adapters keep their per-part weights
         rows = []
         with self.lock:
             self.lora.set_weights(weights)
@@ -329,10 +330,10 @@ class Studio:
         # The sidecars A1111 and this app read, so the file shows its card wherever it is copied to.
         sidecar = {"description": card["description"], "activation text": card.get("trigger", ""),
                    "preferred weight": 1.0, "sd version": _SIDECAR_VERSIONS.get(self.family, "Unknown")}
-        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
         if thumbnail:
-            with Image.open(thumbnail) as im:
-                im.convert("RGB").save(path.with_suffix(".preview.png"))
+            with Image.open(thumbnail) as im, atomic_file(path.with_suffix(".preview.png")) as f:
+                im.convert("RGB").save(f, format="PNG")
         notes.append(f"wrote {path}")
         return Result([(str(path), path.name)], notes)
 
@@ -348,7 +349,7 @@ class Studio:
         if single_file:
             return Result([(str(path), path.name)], notes)
         archive = path.parent / f"{path.name}.zip"
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # weights do not compress; storing is fast
+        with atomic_file(archive) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:  # weights don't compress
             for f in sorted(path.rglob("*")):
                 if f.is_file():
                     z.write(f, Path(path.name) / f.relative_to(path))

@@ -17,6 +17,8 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sd_lora.atomic import atomic_file
+
 Weights = dict[str, dict[str, float]]  # name -> {"unet": w, "text_encoder": w}
 
 _TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
@@ -94,8 +96,8 @@ def save_png(image: Image.Image, path: Path, parameters: str, extra: dict | None
     info.add_text("parameters", parameters)
     if extra is not None:
         info.add_text("sd-lora", json.dumps(extra, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 
