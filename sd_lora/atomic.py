@@ -21,13 +21,30 @@ def _umask() -> int:
     return mask
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent folders; returns them, deepest first, for `remove_empty` after a failure."""
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Undo `make_parents`: remove the folders it made, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file to write `path` through: renamed over it when the block ends, removed on any error."""
+    """A binary file to write `path` through: renamed over it when the block ends; on any error the temp file and
+    the folders made for it are removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    created, tmp = make_parents(path), None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -35,7 +52,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        remove_empty(created)
         raise
 
 

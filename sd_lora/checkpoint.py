@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd_lora.atomic import atomic_file
+from sd_lora.atomic import atomic_file, make_parents, remove_empty
 from sd_lora.formats import ldm
 from sd_lora.formats.detect import model_family
 from sd_lora.targets import strip_text_model
@@ -32,10 +32,26 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header and the offset where tensor data starts."""
+    """A safetensors file's header and the offset where tensor data starts. A file that is not one, or that was cut
+    short (a tensor's bytes run past its end), is a ValueError naming the file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (no valid header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON)")  # noqa: TRY004 - bad input
+    end = max((info["data_offsets"][1] for k, info in header.items()
+               if k != "__metadata__" and isinstance(info, dict) and len(info.get("data_offsets", ())) == 2),
+              default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return header, 8 + n
 
 
 def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:
@@ -218,9 +234,9 @@ def _replace_folder(out: Path, build) -> Path:
     a diffusers pipeline folder (never some other folder of the user's); a failure leaves `out` as it was."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model_index.json").is_file())):
         raise ValueError(f"{out}: exists and is not a diffusers pipeline folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    created, tmp = make_parents(out), None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         build(tmp)
         for f in tmp.rglob("*"):  # on disk before the rename, as atomic_file does for single files
             if f.is_file():
@@ -233,7 +249,9 @@ def _replace_folder(out: Path, build) -> Path:
         if old:
             shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise
     return out
 
@@ -278,6 +296,10 @@ def _single_file_weights(path: Path) -> tuple[dict, str]:
         else:
             continue
         weights[name] = lambda key=key: handle.get_tensor(key)
+    return weights, single_file_family(header, layout)
+
+
+def single_file_family(header: dict, layout: dict) -> str:
+    """sd1, sd2 or sdxl for an original-SD single file, from its UNet layout and cross-attention width."""
     context = next((info["shape"][1] for k, info in header.items() if k.endswith("attn2.to_k.weight")), None)
-    family = "sdxl" if layout.get("addition_embed_type") else "sd2" if context == 1024 else "sd1"
-    return weights, family
+    return "sdxl" if layout.get("addition_embed_type") else "sd2" if context == 1024 else "sd1"

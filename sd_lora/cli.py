@@ -20,11 +20,13 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sd_lora import merge, report
 from sd_lora.adapter import atomic_write_bytes, read_adapter, save_adapter
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except SystemExit as e:  # --help, or a UI that exits
         return e.code if isinstance(e.code, int) else 0
-    except (UsageError, AdapterError, ModelLoadError, ValueError, KeyError, OSError, RuntimeError) as e:
+    except (UsageError, AdapterError, ModelLoadError, SafetensorError, ValueError, KeyError, OSError,
+            RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sd-lora: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
@@ -163,14 +166,20 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """"a.safetensors:0.7" -> ("a.safetensors", 0.7); without a numeric suffix the weight is 1 ("C:\\x" stays a path)."""
+    """"a.safetensors:0.7" -> ("a.safetensors", 0.7); without a numeric suffix the weight is 1 ("C:\\x" stays a path).
+    "a.safetensors:heavy" or a weight of nan/inf is a UsageError."""
     path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not path:
+        return spec, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        if Path(path).is_file() and not Path(spec).exists():
+            raise UsageError(f"--lora {spec}: the weight after ':' must be a number, got {weight!r}") from None
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {spec}: the weight must be a finite number, got {weight!r}")
+    return path, value
 
 
 def read_items(specs: list[str]) -> list[tuple[AdapterWeights, float]]:
@@ -232,8 +241,11 @@ def cmd_generate(a) -> int:
         a.cfg = default_guidance(a.model)
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=a.steps, guidance_scale=a.cfg,
                  width=width, height=height, generator=torch.Generator().manual_seed(a.seed)).images[0]
-    params = (f"{a.prompt}\nNegative prompt: {a.negative or ''}\nSteps: {a.steps}, CFG scale: {a.cfg}, "
-              f"Seed: {a.seed}, Size: {image.width}x{image.height}, Model: {a.model}, Lora: {_describe(items)}")
+    params = "\n".join([  # A1111's "parameters" text: the adapters as <lora:name:weight> tags after the prompt
+        " ".join([a.prompt, *(f"<lora:{n}:{w:g}>" for n, w in weights.items())]),
+        *([f"Negative prompt: {a.negative}"] if a.negative else []),
+        (f"Steps: {a.steps}, CFG scale: {a.cfg:g}, Seed: {a.seed}, Size: {image.width}x{image.height}, "
+         f"Model: {json.dumps(str(a.model)) if any(c in str(a.model) for c in ',:') else a.model}")])
     buf = io.BytesIO()
     if kind == "PNG":
         info = PngInfo()
@@ -286,6 +298,10 @@ def cmd_extract(a) -> int:
     out = _adapter_out(a.out)
     base, family = checkpoint_weights(a.base, config=a.config)
     tuned, _ = checkpoint_weights(a.tuned, config=a.config)
+    for path, weights in ((a.base, base), (a.tuned, tuned)):
+        if not any(n.startswith("text_encoder.") for n in weights):  # e.g. SD2/SDXL single files (OpenCLIP layout)
+            print(f"note: no CLIP-L text-encoder weights found in {path}: the LoRA covers the UNet only",
+                  file=sys.stderr)
     w, fit = merge.extract(base, tuned, a.rank, a.conv_rank, family=family)
     sample = next(iter(base.values()))
     dtype = DTYPES[a.dtype] if a.dtype else (sample() if callable(sample) else sample).dtype

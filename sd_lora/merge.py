@@ -265,10 +265,7 @@ def merge_into_pipeline(pipe, items: list[Item]) -> int:
     """Fold Σᵢ wᵢ·ΔWᵢ into the pipeline's UNet and text encoder in place, each weight summed in fp32 and cast once.
     Every module is resolved and shape-checked before the first weight changes. Returns the number of weights merged."""
     models = {p: m for p in PARTS if (m := getattr(pipe, p, None)) is not None}
-    family = model_family(pipe.unet)
-    for w, _ in items:
-        if w.family not in ("unknown", family):
-            raise AdapterError(f"{w.where()}: this adapter is for {w.family} but the model is {family}")
+    check_family(items, model_family(pipe.unet))
     blended = blend_exact(items, dict(pipe.unet.config))
     tables = {p: {normalize(n): mod for n, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
               for p, m in models.items()}
@@ -289,6 +286,13 @@ def merge_into_pipeline(pipe, items: list[Item]) -> int:
             else:
                 weight.copy_(add_delta(weight.float(), m).to(weight.dtype))  # fp32 sum, cast once
     return len(plan)
+
+
+def check_family(items: list[Item], family: str) -> None:
+    """An adapter made for another base family is refused before anything is merged."""
+    for w, _ in items:
+        if w.family not in ("unknown", family):
+            raise AdapterError(f"{w.where()}: this adapter is for {w.family} but the model is {family}")
 
 
 def add_delta(weight: torch.Tensor, m: LoRAModule) -> torch.Tensor:
@@ -340,6 +344,7 @@ def merge_single_file(src: Path, items: list[Item], out: Path, dtype: torch.dtyp
     if not unet_keys:
         raise ValueError(f"{src}: not an original-SD single-file checkpoint (no {ldm.UNET_PREFIX}* keys)")
     layout = checkpoint.unet_layout_from_ldm(unet_keys)
+    check_family(items, checkpoint.single_file_family(header, layout))
     blended = blend_exact(items, layout)
     edits, unmatched = _edits(blended, list(blended.modules), header, lambda n: checkpoint.ldm_key(n, layout))
     _raise_unmatched(unmatched, len(blended.modules))
@@ -359,18 +364,29 @@ def is_plain_folder(path: Path) -> bool:
 
 
 def merge_folder(src: Path, items: list[Item], out: Path, dtype: torch.dtype | None = None) -> Path:
-    """Merge into a diffusers folder without loading it: the UNet and text-encoder files are streamed with the blend
-    added, every other file is copied (or cast, with `dtype`)."""
+    """Merge into a diffusers folder without loading it: the UNet and text-encoder files, variants included (hub
+    snapshots often hold `diffusion_pytorch_model.fp16.safetensors` beside the fp32 file), are streamed with the blend
+    added; every other file is copied (or cast, with `dtype`)."""
     config = json.loads((src / "unet" / "config.json").read_text())
+    check_family(items, model_family(config))
     blended = blend_exact(items, config)
     edits, unmatched = {}, [n for n in blended.modules if n.split(".", 1)[0] not in FOLDER_WEIGHTS]
-    for part, rel in FOLDER_WEIGHTS.items():
-        header, _ = checkpoint.read_header(src / rel)
+    for part, main in FOLDER_WEIGHTS.items():
         names = [n for n in blended.modules if n.split(".", 1)[0] == part]
-        edits[rel], missed = _edits(blended, names, header, lambda n, h=header: _folder_key(n, h))
-        unmatched += missed
+        for rel in part_files(src, main):
+            header, _ = checkpoint.read_header(src / rel)
+            edits[rel], missed = _edits(blended, names, header, lambda n, h=header: _folder_key(n, h))
+            unmatched += [n for n in missed if n not in unmatched]
     _raise_unmatched(unmatched, len(blended.modules))
     return checkpoint.rewrite_folder(src, out, edits, dtype, {"sd_lora.merged": _record(items)})
+
+
+def part_files(src: Path, main: str) -> list[str]:
+    """A component's weight files: `main` ("unet/diffusion_pytorch_model.safetensors") and its variants
+    ("unet/diffusion_pytorch_model.fp16.safetensors"), as paths relative to `src`."""
+    folder, name = main.split("/")
+    stem = name.removesuffix(".safetensors")
+    return sorted(f"{folder}/{f.name}" for f in (src / folder).glob(f"{stem}.*safetensors"))
 
 
 def _folder_key(name: str, header: dict) -> str:

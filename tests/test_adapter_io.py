@@ -181,6 +181,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(pipe, tmp_path, monkeypatch):
         save_adapter(random_adapter(pipe, preset="cross-attn", seed=1), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(w, tmp_path / "new" / "deeper" / "b.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # nor the folders made for it
 
 
 def test_public_api_names():

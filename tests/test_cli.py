@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_adapter, te_out, unet_out
@@ -19,7 +20,8 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     tiny = sd_lora.load_pipeline("tiny")
     sd_lora.save_adapter(random_adapter(tiny, "full", rank=4, seed=1), folder / "a.safetensors", dtype=torch.float32,
-                         metadata={"modelspec.trigger_phrase": "mozart style, ornate", "ss_learning_rate": "0.0001"})
+                         metadata={"modelspec.trigger_phrase": "mozart style, ornate", "ss_learning_rate": "0.0001",
+                                   "modelspec.title": "Mozart ornate"})
     sd_lora.save_adapter(random_adapter(tiny, "attn", rank=8, seed=2, alphas=3.0), folder / "b.safetensors")
     return folder / "a.safetensors", folder / "b.safetensors"
 
@@ -92,7 +94,9 @@ def test_inspect_a_kohya_file(files, tmp_path, capsys):
     assert code == 0
     for expected in ("format       kohya", "base family  Stable Diffusion 1.x",
                      "modules      96: text_encoder 12, unet 84", "ranks        4 (all 96 modules)",
-                     "trigger      mozart style, ornate", "ss_learning_rate", "effective rank (90% of Σσ²)"):
+                     "trigger      mozart style, ornate", "ss_learning_rate", "effective rank (90% of Σσ²)",
+                     "title        Mozart ornate", "dtype        float32 (all 192 tensors)",
+                     f"({a.stat().st_size / 2**20:.2f} MB)"):
         assert expected in text
     assert "unet.down_blocks.0.attentions.0.proj_in" in text
     code, raw, _ = run(capsys, "inspect", a, "--json", "--plot", tmp_path / "spectrum.png")
@@ -138,19 +142,49 @@ def test_extract_from_two_checkpoints(files, tmp_path, capsys):
         torch.testing.assert_close(got.modules[name].delta(), m.delta(), atol=1e-4, rtol=1e-2)
 
 
+def test_extract_with_conv_rank_covers_the_convolutions(tmp_path, capsys):
+    tiny = sd_lora.load_pipeline("tiny")
+    known = random_adapter(tiny, "attn", rank=2, seed=5)
+    conv = "unet.up_blocks.1.resnets.0.conv2"
+    weight = tiny.unet.get_submodule(conv[5:]).weight
+    known.modules[conv] = sd_lora.LoRAModule(torch.randn(2, *weight.shape[1:]) * 0.1,
+                                             torch.randn(weight.shape[0], 2, 1, 1) * 0.1, 2.0)
+    sd_lora.save_adapter(known, tmp_path / "known.safetensors", dtype=torch.float32)
+    run(capsys, "merge", "--model", "tiny", "--lora", tmp_path / "known.safetensors", "--out",
+        tmp_path / "tuned.safetensors")
+    for flags, covered in (([], set(known.modules) - {conv}), (["--conv-rank", "2"], set(known.modules))):
+        out = tmp_path / f"x{len(flags)}.safetensors"
+        code, _, _ = run(capsys, "extract", "--base", "tiny", "--tuned", tmp_path / "tuned.safetensors", "--rank", "2",
+                         *flags, "--out", out, "--dtype", "fp32")
+        got = read_adapter(out)
+        assert code == 0 and set(got.modules) == covered
+    assert got.modules[conv].down.shape == (2, *weight.shape[1:])
+    torch.testing.assert_close(got.modules[conv].delta(), known.modules[conv].delta(), atol=1e-4, rtol=1e-2)
+
+
 def test_generate_writes_an_image_with_its_settings(files, tmp_path, capsys):
     a, _ = files
     out = tmp_path / "img.png"
     code, _, _ = run(capsys, "generate", "--lora", f"{a}:0.5", "--prompt", "a red circle", "--out", out,
-                     "--steps", "2", "--size", "64x64", "--seed", "3")
+                     "--steps", "2", "--size", "64x64", "--seed", "3", "--negative", "blurry", "--cfg", "5")
     assert code == 0
     image = Image.open(out)
-    assert image.size == (64, 64) and "Seed: 3" in image.text["parameters"]
+    text = image.text["parameters"]
+    assert image.size == (64, 64) and "Seed: 3" in text and "Negative prompt: blurry" in text
+    assert "CFG scale: 5" in text and f"<lora:{a.stem}:0.5>" in text
+    run(capsys, "generate", "--lora", f"{a}:0.5", "--prompt", "a red circle", "--out", tmp_path / "plain.png",
+        "--steps", "2", "--size", "64x64", "--seed", "3", "--cfg", "5")
+    assert not np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "plain.png")))  # negative used
 
 
 BAD = {
     "missing adapter": ["blend", "{tmp}/nope.safetensors", "--out", "{tmp}/out.safetensors"],
     "not a number": ["blend", "{a}:heavy", "--out", "{tmp}/out.safetensors"],
+    "nan weight": ["blend", "{a}:nan", "--out", "{tmp}/out.safetensors"],
+    "empty checkpoint": ["merge", "--model", "{tmp}/empty.safetensors", "--lora", "{a}", "--out",
+                         "{tmp}/out.safetensors"],
+    "checkpoint cut short": ["extract", "--base", "{tmp}/hollow.safetensors", "--tuned", "{tmp}/hollow.safetensors",
+                             "--rank", "1", "--out", "{tmp}/out.safetensors"],
     "truncated adapter": ["merge", "--lora", "{tmp}/cut.safetensors", "--out", "{tmp}/out.safetensors"],
     "pickle adapter": ["convert", "{tmp}/old.ckpt", "--to", "kohya", "--out", "{tmp}/out.safetensors"],
     "adapter output not safetensors": ["blend", "{a}", "--out", "{tmp}/out.ckpt"],
@@ -167,14 +201,24 @@ BAD = {
 }
 
 
+SAYS = {"not a number": "the weight after ':' must be a number, got 'heavy'", "nan weight": "finite number",
+        "empty checkpoint": "empty.safetensors: not a safetensors file",
+        "checkpoint cut short": "hollow.safetensors: truncated"}
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, files, tmp_path, capsys):
     (tmp_path / "cut.safetensors").write_bytes(files[0].read_bytes()[:1000])
     (tmp_path / "old.ckpt").write_bytes(b"\x80\x04junk")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    header = json.dumps({"model.diffusion_model.conv_in.weight": {"dtype": "F32", "shape": [10, 10],
+                                                                   "data_offsets": [0, 400]}}).encode()
+    (tmp_path / "hollow.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # no tensor bytes
     before = set(tmp_path.iterdir())
     code, _, err = run(capsys, *[x.format(tmp=tmp_path, a=files[0]) for x in BAD[case]])
     assert code == 2
     assert err.startswith("sd-lora: error: ") and err.count("\n") == 1, err
+    assert SAYS.get(case, "") in err
     assert set(tmp_path.iterdir()) == before
 
 

@@ -110,6 +110,22 @@ def test_diffusers_folder_is_merged_without_loading_it(items, live, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "src"]
 
 
+def test_folder_variants_are_merged_too(items, live, tmp_path):
+    """A hub snapshot keeps fp16 variants beside the fp32 weights; loading the merge with variant="fp16" must not
+    give the unmerged base."""
+    src = tmp_path / "src"
+    sd_lora.load_pipeline("tiny").to(torch.float16).save_pretrained(src, variant="fp16")
+    sd_lora.load_pipeline("tiny").save_pretrained(src)  # second, so that the configs say float32
+    assert (src / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file() and merge.is_plain_folder(src)
+    out = merge.merge_checkpoint(src, items, tmp_path / "merged")
+    variant = StableDiffusionPipeline.from_pretrained(out, variant="fp16", dtype=torch.float32,
+                                                      safety_checker=None)
+    assert_outputs(variant, live, atol=2e-2)  # fp16 storage
+    assert_outputs(sd_lora.load_pipeline(out), live)
+    effect = (live[0] - unet_out(sd_lora.load_pipeline("tiny"))).abs().max()
+    assert (unet_out(variant) - live[0]).abs().max() < 0.1 * effect
+
+
 def _raw(path):
     header, start = read_header(path)
     data = path.read_bytes()
@@ -156,6 +172,13 @@ def test_bad_adapter_writes_nothing(adapters, base_file, tmp_path):
     big.modules[name].down = torch.zeros(2, 3)
     with pytest.raises(AdapterError, match=name):
         merge.merge_checkpoint(base_file, [(big, 1.0)], tmp_path / "c.safetensors")
+    xl = random_adapter(sd_lora.load_pipeline("tiny"), "attn", rank=2)
+    xl.family = "sdxl"
+    folder = tmp_path.parent / f"{tmp_path.name}-src"
+    sd_lora.load_pipeline("tiny").save_pretrained(folder)
+    for model, out in (("tiny", "d.safetensors"), (base_file, "e.safetensors"), (folder, "f")):  # all three routes
+        with pytest.raises(AdapterError, match="this adapter is for sdxl but the model is sd1"):
+            merge.merge_checkpoint(model, [(xl, 1.0)], tmp_path / out)
     assert list(tmp_path.iterdir()) == []  # no output, no temp file
 
 

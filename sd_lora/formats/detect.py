@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from sd_lora.formats import diffusers, kohya
 from sd_lora.weights import AdapterError, AdapterWeights
 
@@ -65,12 +63,13 @@ def detect_family(weights: AdapterWeights) -> str:
     return "unknown"
 
 
-def model_family(unet: torch.nn.Module) -> str:
-    """Family of a loaded UNet from its config. Small SD1.x-architecture models (like "tiny") count as sd1."""
-    config = getattr(unet, "config", None)
-    if getattr(config, "addition_embed_type", None) == "text_time":
+def model_family(unet) -> str:
+    """Family of a UNet from its config (a loaded UNet, or its config as a dict). Small SD1.x-architecture models
+    (like "tiny") count as sd1."""
+    config = unet if isinstance(unet, dict) else dict(getattr(unet, "config", None) or {})
+    if config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    dim = getattr(config, "cross_attention_dim", None)
+    dim = config.get("cross_attention_dim")
     if isinstance(dim, (list, tuple)):
         dim = dim[0]
     return "sd2" if dim == 1024 else "sd1"
