@@ -59,14 +59,14 @@ def free_port() -> int:
 class App:
     """`python ui/app.py` in a subprocess, on a free port; stopped by its own pid."""
 
-    def __init__(self, adapters: Path, outputs: Path, log: Path):
+    def __init__(self, adapters: Path, outputs: Path, log: Path, *flags: str):
         self.adapters, self.outputs = adapters, outputs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
         self.log = log.open("w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "ui" / "app.py"), "--adapters", str(adapters),
-                                      "--outputs", str(outputs), "--port", str(self.port)],
+                                      "--outputs", str(outputs), "--port", str(self.port), *flags],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.log_path = log
 
@@ -303,6 +303,21 @@ def test_uploads_are_checked_before_they_reach_the_library(tmp_path):
     with pytest.raises(sd_lora.AdapterError, match="junk.safetensors: not a safetensors file"):
         catalog.store_upload(junk, library, "junk.safetensors", 10 << 20)
     assert sorted(p.name for p in library.iterdir()) == ["my_style-2.safetensors", "my_style.safetensors"]
+
+
+def test_the_running_app_refuses_uploads_over_its_cap(tmp_path):
+    import httpx
+
+    small = tmp_path / "small.safetensors"
+    sd_lora.save_adapter(random_adapter(sd_lora.load_pipeline("tiny"), seed=6), small)
+    server = App(tmp_path / "adapters", tmp_path / "outputs", tmp_path / "app.log", "--max-upload-mb", "1").wait()
+    try:
+        big = httpx.post(server.url + "gradio_api/upload", files={"files": ("big.safetensors", b"\0" * (2 << 20))})
+        assert big.status_code == 413, big.text
+        ok = httpx.post(server.url + "gradio_api/upload", files={"files": ("small.safetensors", small.read_bytes())})
+        assert ok.status_code == 200, ok.text
+    finally:
+        server.stop()
 
 
 def test_moving_a_slider_reloads_nothing(tmp_path, monkeypatch):
