@@ -24,6 +24,11 @@ What is timed, per optimizer step (images/s = 1 / seconds at batch 1):
   the full step. Its gradient + optimizer memory is what a real full fine-tune holds: 12 bytes per weight (fp32
   gradient, exp_avg, exp_avg_sq).
 
+Allocator: on the CPU, train() makes glibc keep freed memory (sd_lora.training.host_memory), which is process-wide.
+So by default the benchmark runs itself twice, in fresh processes: `--allocator default` (glibc as it comes, what
+diffusers' script gets) and `--allocator trainer` (train()'s setting); each compares ours with the peers in that
+process, and a final "as run" section sets ours (trainer setting) against the reference (default).
+
 Variants that are compared take turns step by step (the order rotating), after three warm-up steps each; numbers are
 medians, ratios medians of per-turn ratios (and, since interference from other jobs only ever slows a step down, the
 ratio of the fastest steps too). Goals: caching on >= 1.5x the reference's images/s, caching off >= 1.0x; LoRA step >= 1.25x faster
@@ -36,22 +41,24 @@ import argparse
 import copy
 import datetime
 import gc
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import clip_l, machine, median, sd15_unet, setup
 from PIL import Image, ImageDraw
+from train_peers import RANK, FullFineTune, Reference, state_bytes
 
 import sd_lora
 from sd_lora.training import TrainConfig, loop, prepare
-from sd_lora.training.caches import LiveLatents, sample_latents
+from sd_lora.training.caches import LiveLatents
 from sd_lora.training.data import assign_buckets, scan_images
 
-RANK = 4
 # The public SD1.5 (stable-diffusion-v1-5) VAE config.
 SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
             "block_out_channels": (128, 256, 512, 512), "act_fn": "silu", "sample_size": 512,
@@ -109,138 +116,11 @@ class Ours:
     def memory(self) -> int:
         """Bytes of gradients (one per trainable weight) plus AdamW state."""
         grads = sum(p.numel() * p.element_size() for p in self.trainer.params)
-        return grads + _state_bytes(self.trainer.optimizer.optimizer)
+        return grads + state_bytes(self.trainer.optimizer.optimizer)
 
     def close(self) -> None:
         self.trainer.lora.detach()
         reset_accelerate()
-
-
-class Reference:
-    """One step as diffusers' train_dreambooth_lora.py takes it with --train_text_encoder (CPU: no accelerator
-    wrapping, which is the identity there): read + transform the image, VAE-encode, tokenize, PEFT LoRA forward,
-    backward, clip, AdamW, scheduler."""
-
-    def __init__(self, pipe, unet, folder: Path, resolution: int, prompt: str, train_text_encoder: bool = True):
-        from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
-        from peft import LoraConfig
-
-        self.pipe, self.unet, self.vae, self.size = pipe, unet, pipe.vae, resolution
-        self.text_encoder = copy.deepcopy(pipe.text_encoder)  # before ours puts LoRA layers into the original
-        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                         target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
-        if train_text_encoder:
-            self.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-            self.text_encoder.train()
-        self.unet.train()
-        self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": 1e-4}]
-        if train_text_encoder:
-            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": 5e-5})
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.files, self.prompt, self.index = sorted(folder.glob("*.png")), prompt, 0
-
-    def batch(self):
-        """DreamBoothDataset.__getitem__: open, RGB, Resize (bilinear), CenterCrop, ToTensor, Normalize; tokenize."""
-        image = Image.open(self.files[self.index % len(self.files)]).convert("RGB")
-        self.index += 1
-        w, h = image.size
-        scale = self.size / min(w, h)
-        image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
-        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        ids = self.pipe.tokenizer(self.prompt, truncation=True, padding="max_length",
-                                  max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return ((pixels - 0.5) / 0.5)[None], ids
-
-    def step(self) -> float:
-        pixel_values, input_ids = self.batch()
-        model_input = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
-        noise = torch.randn_like(model_input)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (model_input.shape[0],))
-        noisy_model_input = self.noise_scheduler.add_noise(model_input, noise, timesteps)
-        encoder_hidden_states = self.text_encoder(input_ids)[0]
-        model_pred = self.unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad()
-        return loss.item()
-
-    def close(self) -> None:
-        self.unet.unload_lora()
-        self.unet.eval()
-        del self.text_encoder
-
-
-class FullFineTune:
-    """A step that trains every UNet weight on the same cached latents and text embedding as ours. `in_backward`:
-    apply AdamW to each weight as its gradient arrives, moments in scratch buffers (see the module docstring)."""
-
-    def __init__(self, pipe, unet, latents, text, in_backward: bool):
-        from diffusers import DDPMScheduler
-
-        self.unet, self.vae_config, self.latents, self.text = unet, pipe.vae.config, latents, text
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.params = [p for p in self.unet.parameters()]
-        self.unet.requires_grad_(True).train()
-        self.generator, self.hooks, self.optimizer, self.t = torch.Generator().manual_seed(0), [], None, 0
-        if in_backward:
-            biggest = max(p.numel() for p in self.params)
-            self.m, self.v = torch.zeros(biggest), torch.zeros(biggest)
-            self.hooks = [p.register_post_accumulate_grad_hook(self._adamw) for p in self.params]
-        else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=1e-2, fused=True)
-
-    def _adamw(self, p, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2) -> None:
-        """torch's single-tensor AdamW update, then the gradient is freed."""
-        with torch.no_grad():
-            g, n = p.grad, p.numel()
-            m, v = self.m[:n].view_as(p), self.v[:n].view_as(p)
-            step = self.t + 1
-            p.mul_(1 - lr * weight_decay)
-            m.lerp_(g, 1 - betas[0])
-            v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
-            denom = (v.sqrt() / (1 - betas[1] ** step) ** 0.5).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - betas[0] ** step))
-        p.grad = None
-
-    def step(self) -> float:
-        latents = sample_latents(self.latents, self.vae_config, self.generator)
-        noise = torch.randn(latents.shape, generator=self.generator)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=self.generator)
-        pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=self.text).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        if self.optimizer is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.t += 1 if self.hooks else 0
-        return loss.item()
-
-    def memory(self) -> int:
-        if self.optimizer is None:  # what a real full fine-tune holds: fp32 gradient + exp_avg + exp_avg_sq
-            return sum(p.numel() for p in self.params) * 12
-        return sum(p.numel() * p.element_size() for p in self.params) + _state_bytes(self.optimizer)
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.unet.requires_grad_(False).eval()
-        for p in self.params:
-            p.grad = None
-
-
-def _state_bytes(optimizer) -> int:
-    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def timed(fn, times: list) -> None:
@@ -340,24 +220,80 @@ def _ok(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def as_run(model: str, default: dict, trainer: dict) -> list[str]:
+    """Ours as train() runs it (glibc keeping freed memory) against the reference as diffusers' script runs (glibc's
+    default), each from its own process: ratios of the two processes' medians."""
+    def ratio(label: str, ref: str, ours: str, goal: float | None) -> str:
+        r = default[ref] / trainer[ours]
+        verdict = f"  goal >= {goal}x  {_ok(r >= goal)}" if goal else "  (report only)"
+        return f"  {label:58s} {default[ref]:.3f} / {trainer[ours]:.3f} s = {r:.2f}x{verdict}"
+
+    return [f"{model}, as each program runs (reference: default allocator; ours: train()'s allocator setting):",
+            ratio("caching on / reference (default run)", "reference", "cached", 1.5),
+            ratio("caching off / reference (default run)", "reference", "live", 1.0),
+            ratio("UNet-only / reference with a frozen text encoder", "reference_unet", "lora_unet", None),
+            (f"  peak RSS: default-allocator process {default['peak_rss_mb']:.0f} MB, trainer-allocator process "
+             f"{trainer['peak_rss_mb']:.0f} MB")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 30 for tiny, "
                                                                  "6 for sd15)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=["both", "default", "trainer"], default="both",
+                        help="default: glibc as it comes; trainer: glibc keeping freed memory, as train() sets it on "
+                             "the CPU; both (default): each in its own process, then the as-run comparison")
+    parser.add_argument("--json", help=argparse.SUPPRESS)  # where a single-allocator run leaves its numbers
     args = parser.parse_args()
+    if args.allocator == "both":
+        return run_both(args)
+    if args.allocator == "trainer":
+        from sd_lora.training import host_memory
+
+        assert host_memory.keep_freed_memory(), "glibc's mallopt is not available here"
     setup(args.threads)
-    print(f"# train_step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}", flush=True)
+    print(f"# train_step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}, "
+          f"allocator: {args.allocator}", flush=True)
+    results = {}
     with tempfile.TemporaryDirectory(prefix="sd_lora_bench_train_") as tmp:
         for model in args.models:
             steps = args.steps or (30 if model == "tiny" else 6)
             print(f"\n== {model}: {steps} timed steps per variant, interleaved", flush=True)
             start = time.perf_counter()
-            res = bench(model, steps, Path(tmp))
-            print("\n".join(report(model, res)))
+            results[model] = bench(model, steps, Path(tmp))
+            print("\n".join(report(model, results[model])))
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             gc.collect()
+    for res in results.values():
+        res["peak_rss_mb"] = peak_rss_mb()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+
+
+def run_both(args) -> None:
+    """Both allocator settings, each in a fresh process (a process cannot go back to glibc's dynamic threshold)."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="sd_lora_bench_train_") as tmp:
+        for allocator in ("default", "trainer"):
+            out = Path(tmp) / f"{allocator}.json"
+            cmd = [sys.executable, __file__, "--allocator", allocator, "--json", str(out), "--threads",
+                   str(args.threads), "--models", *args.models] + (["--steps", str(args.steps)] if args.steps else [])
+            print(f"\n######## allocator: {allocator}", flush=True)
+            subprocess.run(cmd, check=True)
+            results[allocator] = json.loads(out.read_text())
+    print("\n######## as run")
+    for model in args.models:
+        print("\n".join(as_run(model, results["default"][model], results["trainer"][model])))
 
 
 if __name__ == "__main__":

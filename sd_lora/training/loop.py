@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd_lora.training import checkpoint, prepare, report
+from sd_lora.training import checkpoint, host_memory, prepare, report
 from sd_lora.training.caches import (
     LatentCache,
     LiveLatents,
@@ -53,11 +53,16 @@ def train(config: TrainConfig, pipe=None) -> dict:
     resume_from = checkpoint.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
     pipe = pipe or prepare.load_model(cfg.model)
     accelerator = prepare.make_accelerator(cfg, notice=main)
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu:  # each step reuses the last one's buffers instead of faulting fresh pages in (~20% of an SD1.5 step)
+        host_memory.keep_freed_memory()
     try:
         result = _train(cfg, records, resume_from, accelerator, pipe)
         accelerator.end_training()
         return result
     finally:
+        if on_cpu:
+            host_memory.release_free_memory()
         for tracker in accelerator.trackers:
             tracker.finish()
         from accelerate.state import AcceleratorState, GradientState
