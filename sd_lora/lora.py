@@ -209,14 +209,15 @@ class LoRALayer(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.folded:
+        if self.folded_version is not None:
             return out  # the whole blend is inside base.weight (training runs unfolded, in live mode)
-        frozen = [n for n in self.names if not self.down[n].requires_grad]
+        frozen, trainable = [], []  # one pass, few lookups: this runs for every targeted layer on every step
+        for name, down in self.down.items():
+            (trainable if down.requires_grad else frozen).append((name, down))
         if frozen:
-            out = self._live_frozen(x, out, frozen)
-        for n in self.names:
-            if self.down[n].requires_grad:
-                out = out + self._live_trainable(x, n)
+            out = self._live_frozen(x, out, [n for n, _ in frozen])
+        for name, down in trainable:
+            out = out + self._live_trainable(x, name, down)
         return out
 
     def _concat(self, names: list[str], dtype: torch.dtype) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,17 +273,18 @@ class LoRALayer(nn.Module):
         mask = torch.stack(rows).to(col.device) * col
         return mask.repeat(batch // len(route), 1)
 
-    def _live_trainable(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        down, up = self.down[name], self.up[name]
-        h = x.to(down.dtype)
+    def _live_trainable(self, x: torch.Tensor, name: str, down: torch.Tensor) -> torch.Tensor:
+        up = self.up[name]
+        h = x if x.dtype == down.dtype else x.to(down.dtype)
         p = self.dropout[name]
         if p and self.training:
             h = F.dropout(h, p)
-        scale = self._scale(name, self.blend.weight(name))
+        scale = self.blend.weight(name) * self.alpha[name] / down.shape[0]
         if self.is_conv:
             b = self.base
             h = F.conv2d(h, down, None, b.stride, b.padding, b.dilation, b.groups)
             y = F.conv2d(h, up)
         else:
             y = F.linear(F.linear(h, down), up)
-        return (y * scale).to(x.dtype)
+        y = y * scale
+        return y if y.dtype == x.dtype else y.to(x.dtype)
