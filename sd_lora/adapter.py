@@ -129,9 +129,9 @@ def standard_metadata(weights: AdapterWeights, path: Path) -> dict[str, str]:
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
     # Carry the adapter's own descriptive metadata (title, trigger phrase, training settings), never stale facts
-    # about its shape or format, which are recomputed above.
+    # about its shape, format, file name or date, which are recomputed above.
     keep = {k: v for k, v in weights.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in md
-            or k in ("modelspec.title", "ss_output_name")}
+            or k == "modelspec.title"}
     keep.pop("sshs_model_hash", None)
     keep.pop("sshs_legacy_hash", None)
     md.update(keep)

@@ -36,6 +36,7 @@ from sd_lora.weights import AdapterError, AdapterWeights
 UI_APP = Path(__file__).resolve().parents[1] / "ui" / "app.py"  # built by the UI issue; optional here
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _KEEP_METADATA = ("ss_", "modelspec.", "sd_lora.blend")  # what an adapter's header carries over to its rewrite
+_FRESH_METADATA = ("sshs_model_hash", "ss_output_name", "modelspec.date")  # ...except facts about the old file
 
 
 class UsageError(Exception):
@@ -203,7 +204,8 @@ def _out_dtype(choice: str | None, tensors) -> torch.dtype:
 
 
 def _save(w: AdapterWeights, out: Path, fmt: str, dtype: torch.dtype) -> None:
-    metadata = {k: v for k, v in w.metadata.items() if k.startswith(_KEEP_METADATA) and k != "sshs_model_hash"}
+    metadata = {k: v for k, v in w.metadata.items()
+                if k.startswith(_KEEP_METADATA) and k not in _FRESH_METADATA}
     save_adapter(w, out, format=fmt, dtype=dtype, metadata=metadata)
 
 

@@ -83,9 +83,13 @@ def test_resize_prints_the_error_and_keeps_the_scale(files, tmp_path, capsys):
     assert code == 0 and "relative error" in stdout.splitlines()[-1]
     small, original = read_adapter(tmp_path / "r2.safetensors"), read_adapter(a)
     assert small.ranks == {2} and small.metadata["ss_network_dim"] == "2"
+    assert small.metadata["ss_output_name"] == "r2" and small.metadata["modelspec.title"] == "Mozart ornate"
     assert all(small.modules[n].scale == pytest.approx(m.scale) for n, m in original.modules.items())
     code, stdout, _ = run(capsys, "resize", a, "--energy", "0.9", "--out", tmp_path / "e.safetensors")
     assert code == 0 and "energy kept" in stdout.splitlines()[-1]
+    chosen = read_adapter(tmp_path / "e.safetensors")
+    for name, m in original.modules.items():  # per module: the smallest rank keeping 90% of the energy
+        assert chosen.modules[name].rank == merge.rank_for_energy(merge.spectrum(m), 0.9)
 
 
 def test_inspect_a_kohya_file(files, tmp_path, capsys):
