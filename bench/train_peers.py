@@ -18,17 +18,22 @@ RANK = 4
 
 
 class Reference:
-    """One step as diffusers' train_dreambooth_lora.py takes it with --train_text_encoder (CPU: no accelerator
-    wrapping, which is the identity there): read + transform the image, VAE-encode, tokenize, PEFT LoRA forward,
-    backward, clip, AdamW, scheduler."""
+    """One step as diffusers' train_dreambooth_lora.py takes it with --train_text_encoder: read + transform the
+    image(s), VAE-encode, tokenize, PEFT LoRA forward, backward, clip, AdamW, scheduler. With `precision` fp16/bf16
+    (GPU) it does what that script does under accelerate's mixed precision: frozen weights in the low precision (the
+    caller casts the pipeline), LoRA parameters upcast to fp32, the forward under autocast, fp16 loss scaling. On the
+    CPU in fp32 the accelerator's wrapping is the identity, so none of that applies."""
 
-    def __init__(self, pipe, unet, folder: Path, resolution: int, prompt: str, train_text_encoder: bool = True):
+    def __init__(self, pipe, unet, folder: Path, resolution: int, prompt: str, train_text_encoder: bool = True,
+                 batch: int = 1, precision: str = "no", copy_text_encoder: bool = True):
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
         from peft import LoraConfig
 
-        self.pipe, self.unet, self.vae, self.size = pipe, unet, pipe.vae, resolution
-        self.text_encoder = copy.deepcopy(pipe.text_encoder)  # before ours puts LoRA layers into the original
+        self.pipe, self.unet, self.vae, self.size, self.batch_size = pipe, unet, pipe.vae, resolution, batch
+        self.device = unet.device
+        # A copy when ours shares the pipeline (it puts its LoRA layers into the original).
+        self.text_encoder = copy.deepcopy(pipe.text_encoder) if copy_text_encoder else pipe.text_encoder
         self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
                                          target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
         if train_text_encoder:
@@ -37,6 +42,8 @@ class Reference:
             self.text_encoder.train()
         self.unet.train()
         self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        for p in self.params:  # diffusers' cast_training_params: trainable LoRA weights in fp32
+            p.data = p.data.float()
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": 1e-4}]
         if train_text_encoder:
             groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": 5e-5})
@@ -44,9 +51,11 @@ class Reference:
         self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.files, self.prompt, self.index = sorted(folder.glob("*.png")), prompt, 0
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
-    def batch(self):
-        """DreamBoothDataset.__getitem__: open, RGB, Resize (bilinear), CenterCrop, ToTensor, Normalize; tokenize."""
+    def image(self) -> torch.Tensor:
+        """DreamBoothDataset.__getitem__: open, RGB, Resize (bilinear), CenterCrop, ToTensor, Normalize."""
         image = Image.open(self.files[self.index % len(self.files)]).convert("RGB")
         self.index += 1
         w, h = image.size
@@ -55,22 +64,36 @@ class Reference:
         left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        ids = self.pipe.tokenizer(self.prompt, truncation=True, padding="max_length",
+        return (pixels - 0.5) / 0.5
+
+    def batch(self):
+        """The collate_fn: stacked images and the tokenized prompt per image."""
+        pixels = torch.stack([self.image() for _ in range(self.batch_size)])
+        ids = self.pipe.tokenizer([self.prompt] * self.batch_size, truncation=True, padding="max_length",
                                   max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return ((pixels - 0.5) / 0.5)[None], ids
+        return pixels.to(self.device, self.vae.dtype), ids.to(self.device)
 
     def step(self) -> float:
         pixel_values, input_ids = self.batch()
         model_input = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
         noise = torch.randn_like(model_input)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (model_input.shape[0],))
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (model_input.shape[0],),
+                                  device=self.device)
         noisy_model_input = self.noise_scheduler.add_noise(model_input, noise, timesteps)
-        encoder_hidden_states = self.text_encoder(input_ids)[0]
-        model_pred = self.unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+            model_pred = self.unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad()
         return loss.item()
