@@ -46,9 +46,8 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (its header is not JSON)")  # noqa: TRY004 - bad input
-    end = max((info["data_offsets"][1] for k, info in header.items()
-               if k != "__metadata__" and isinstance(info, dict) and len(info.get("data_offsets", ())) == 2),
-              default=0)
+    offsets = [info.get("data_offsets") for k, info in header.items() if k != "__metadata__" and isinstance(info, dict)]
+    end = max((o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)), default=0)
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated: its tensors need {8 + n + end} bytes, the file has {size}")
     return header, 8 + n
