@@ -84,6 +84,13 @@ def test_move_a_slider_generate_and_see_the_image(app, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui_generate.png"), full_page=True)
 
+    page.locator("#steps input[type=number]").fill("150")  # long enough to watch the progress bar move
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate-btn").click()
+    bar = page.locator("#gallery .progress-level").first  # gr.Progress: "image 1 of 1 - 25.3%", moving
+    expect(bar).to_contain_text(re.compile(r"image 1 of 1 - \d+(\.\d+)?%"), timeout=30_000)
+    expect(page.locator("#status")).to_contain_text("Done", timeout=90_000)
+
 
 def test_upload_adds_a_row_and_rejects_what_is_not_a_lora(app, page, tmp_path):
     from playwright.sync_api import expect
