@@ -121,6 +121,9 @@ def test_trigger_advanced_weights_compare_sweep_export_and_merge(app, page):
 
     page.goto(app.url)
     expect(page.get_by_role("heading", name="sd-lora studio")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Model tiny (SD 1.x) on cpu")).to_be_visible()  # the header names model and device
+    page.get_by_role("button", name="Random").click()
+    expect(page.locator("#seed input")).not_to_have_value("-1")
     page.locator("#prompt textarea").fill("a red circle")
     page.locator("#lora-trigger-1").click()  # mozart's card: "+ mozart style"
     expect(page.locator("#prompt textarea")).to_have_value("a red circle, mozart style")
