@@ -346,6 +346,25 @@ def test_flags_default_to_a_private_local_app(tmp_path, monkeypatch):
     assert parse_args([]).adapters == ["adapters", "output"]
 
 
+def test_share_and_a_public_host_print_a_warning_first(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ui" / "app.py"), "--share", "--host", "0.0.0.0",
+                             "--port", str(free_port()), "--adapters", str(tmp_path / "a"), "--outputs",
+                             str(tmp_path / "o")], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    warnings = []
+    try:  # printed before the model loads or anything listens
+        for _ in range(50):
+            line = proc.stderr.readline()
+            warnings += [line] if line.startswith("WARNING: ") else []
+            if len(warnings) == 2 or not line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert warnings[0].startswith("WARNING: --share publishes this app at a public gradio.live address")
+    assert warnings[1].startswith("WARNING: listening on 0.0.0.0: other machines on the network can use this app")
+
+
 def test_parameters_text_round_trips_a1111_syntax():
     weights = {"mozart": {"unet": 0.8, "text_encoder": 0.8}, "ink": {"unet": 0.5, "text_encoder": 0.2}}
     text = params.infotext("a violin, red", "blurry", weights, {"Steps": 20, "Seed": 7, "Lora hashes": "a: 1, b: 2"})
