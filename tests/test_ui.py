@@ -334,6 +334,20 @@ def test_moving_a_slider_reloads_nothing(tmp_path, monkeypatch):
     assert not reads and not np.array_equal(pixels({"image": a}), pixels({"image": b}))
 
 
+def test_compare_is_one_batched_pipeline_call(tmp_path, monkeypatch):
+    from ui.engine import Settings, Studio
+
+    write_library(tmp_path / "adapters")
+    studio = Studio("tiny", [tmp_path / "adapters"], tmp_path / "outputs")
+    calls, real = [], type(studio.pipe).__call__
+    monkeypatch.setattr(type(studio.pipe), "__call__", lambda pipe, *a, **k: calls.append(k["prompt"]) or
+                        real(pipe, *a, **k))  # a spy: every call still runs the real pipeline
+    result = studio.compare(Settings("a red circle", steps=2, seed=1),
+                            studio.parse_weights('{"mozart": 0.8, "ink": 0.6}'))
+    assert len(calls) == 1 and len(calls[0]) == 4  # base, mozart, ink, blend: one batch of four
+    assert len(result.images) == 5  # the strip and the four tiles
+
+
 def test_flags_default_to_a_private_local_app(tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     from ui.app import parse_args
