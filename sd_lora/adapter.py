@@ -15,6 +15,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from sd_lora.atomic import atomic_write_bytes
+from sd_lora.checkpoint import read_header
 from sd_lora.formats import detect
 from sd_lora.weights import AdapterError, AdapterWeights, LoRAModule
 
@@ -49,24 +50,16 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
             raise AdapterError(f"{where}: pickle files ({path.suffix}) can run code when loaded and are refused; "
                                "convert it to .safetensors, or pass allow_pickle=True if you trust its source")
         return _load_pickle(path), {}
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        if len(head) < 8 or header_len > size - 8 or header_len > 100_000_000:
-            hint = " (it looks like a pickle)" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04") else ""
-            detail = f"{size} bytes" if len(head) < 8 else f"the header claims {header_len} bytes but the file has {size}"
-            raise AdapterError(f"{where}: not a safetensors file, or truncated: {detail}{hint}")
-        raw_header = f.read(header_len)
     try:
-        header = json.loads(raw_header)
-        metadata = dict(header.get("__metadata__") or {})
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        if end != size - 8 - header_len:
-            raise ValueError(f"the tensors need {end} bytes after the header but the file has {size - 8 - header_len}")
+        header, _ = read_header(path)  # a clear message for what is not safetensors, or is cut short
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    metadata = header.get("__metadata__")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    try:
         tensors = st_load_file(str(path))  # memory-mapped: no extra copy of the file's bytes
-    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{where}: not a valid safetensors file, or truncated: {e}") from None
+    except SafetensorError as e:
+        raise AdapterError(f"{where}: not a valid safetensors file: {e}") from None
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

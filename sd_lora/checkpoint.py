@@ -33,13 +33,15 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's header and the offset where tensor data starts. A file that is not one, or that was cut
-    short (a tensor's bytes run past its end), is a ValueError naming the file."""
+    short (a tensor's bytes run past its end), is a ValueError naming the file and the problem."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file (no valid header)")
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            hint = " (it looks like a pickle)" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04") else ""
+            detail = f"{size} bytes" if n < 0 else f"the header claims {n} bytes but the file has {size}"
+            raise ValueError(f"{path}: not a safetensors file, or truncated: {detail}{hint}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):

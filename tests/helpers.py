@@ -26,6 +26,16 @@ def random_adapter(pipe, preset="full", rank=4, seed=0, alphas="varied", parts=(
     return AdapterWeights(modules, family="sd1", format="kohya")
 
 
+def with_conv_module(pipe, adapter: AdapterWeights, conv: str, rank: int = 2, seed: int = 0) -> AdapterWeights:
+    """`adapter` plus a rank-`rank` update of the kxk conv `conv` ("unet.up_blocks.1.resnets.0.conv2"): a LoCon
+    module, as extract --conv-rank should recover."""
+    weight = pipe.unet.get_submodule(conv.removeprefix("unet.")).weight
+    g = torch.Generator().manual_seed(seed)
+    adapter.modules[conv] = LoRAModule(torch.randn(rank, *weight.shape[1:], generator=g) * 0.1,
+                                       torch.randn(weight.shape[0], rank, 1, 1, generator=g) * 0.1, float(rank))
+    return adapter
+
+
 def _real(model, path):
     names = dict(model.named_modules())
     return path if path in names else "text_model." + path

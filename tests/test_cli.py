@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import random_adapter, te_out, unet_out
+from helpers import random_adapter, te_out, unet_out, with_conv_module
 from PIL import Image
 
 import sd_lora
@@ -147,12 +147,9 @@ def test_extract_from_two_checkpoints(files, tmp_path, capsys):
 
 
 def test_extract_with_conv_rank_covers_the_convolutions(tmp_path, capsys):
-    tiny = sd_lora.load_pipeline("tiny")
-    known = random_adapter(tiny, "attn", rank=2, seed=5)
-    conv = "unet.up_blocks.1.resnets.0.conv2"
+    tiny, conv = sd_lora.load_pipeline("tiny"), "unet.up_blocks.1.resnets.0.conv2"
+    known = with_conv_module(tiny, random_adapter(tiny, "attn", rank=2, seed=5), conv)
     weight = tiny.unet.get_submodule(conv[5:]).weight
-    known.modules[conv] = sd_lora.LoRAModule(torch.randn(2, *weight.shape[1:]) * 0.1,
-                                             torch.randn(weight.shape[0], 2, 1, 1) * 0.1, 2.0)
     sd_lora.save_adapter(known, tmp_path / "known.safetensors", dtype=torch.float32)
     run(capsys, "merge", "--model", "tiny", "--lora", tmp_path / "known.safetensors", "--out",
         tmp_path / "tuned.safetensors")

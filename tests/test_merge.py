@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from helpers import random_adapter, te_out, unet_out
+from helpers import random_adapter, te_out, unet_out, with_conv_module
 from safetensors import safe_open
 
 import sd_lora
@@ -257,12 +257,8 @@ def test_resize_by_energy_picks_the_smallest_rank_per_module(items):
 
 # ---- extraction ---------------------------------------------------------------------------------------------------
 def test_extract_recovers_a_known_low_rank_delta(tmp_path):
-    base = sd_lora.load_pipeline("tiny")
-    known = random_adapter(base, "attn", rank=3, seed=4)
-    conv = "unet.down_blocks.0.resnets.0.conv1"
-    weight = base.unet.get_submodule(conv[5:]).weight
-    known.modules[conv] = sd_lora.LoRAModule(torch.randn(2, *weight.shape[1:]) * 0.1,
-                                             torch.randn(weight.shape[0], 2, 1, 1) * 0.1, 2.0)
+    base, conv = sd_lora.load_pipeline("tiny"), "unet.down_blocks.0.resnets.0.conv1"
+    known = with_conv_module(base, random_adapter(base, "attn", rank=3, seed=4), conv)
     tuned = sd_lora.load_pipeline("tiny")
     merge.merge_into_pipeline(tuned, [(known, 1.0)])
     write_single_file(tuned, tmp_path / "tuned.safetensors", None, {})
