@@ -217,7 +217,7 @@ class LoRALayer(nn.Module):
         if frozen:
             out = self._live_frozen(x, out, [n for n, _ in frozen])
         for name, down in trainable:
-            out = out + self._live_trainable(x, name, down)
+            out = out + self._live_trainable(x, name, down, out.dtype)
         return out
 
     def _concat(self, names: list[str], dtype: torch.dtype) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +273,10 @@ class LoRALayer(nn.Module):
         mask = torch.stack(rows).to(col.device) * col
         return mask.repeat(batch // len(route), 1)
 
-    def _live_trainable(self, x: torch.Tensor, name: str, down: torch.Tensor) -> torch.Tensor:
+    def _live_trainable(self, x: torch.Tensor, name: str, down: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The trainable adapter's update, computed in its own (fp32) precision and returned in `dtype`, the base
+        layer's output dtype: fp16 under fp16 autocast even where x is fp32 (after a LayerNorm), so attention and
+        everything after it keep running in half precision, as with PEFT."""
         up = self.up[name]
         h = x if x.dtype == down.dtype else x.to(down.dtype)
         p = self.dropout[name]
@@ -287,4 +290,4 @@ class LoRALayer(nn.Module):
         else:
             y = F.linear(F.linear(h, down), up)
         y = y * scale
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if y.dtype == dtype else y.to(dtype)

@@ -1,8 +1,15 @@
-"""Shared test helpers: random adapters shaped like trained ones, and model outputs to compare."""
+"""Shared test helpers: random adapters shaped like trained ones, model outputs to compare, and a small style folder
+with a training config for the trainer's tests."""
+
+import dataclasses
+import os
+from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from sd_lora.targets import preset_paths
+from sd_lora.training import TrainConfig
 from sd_lora.weights import AdapterWeights, LoRAModule
 
 
@@ -58,3 +65,100 @@ def te_out(pipe, prompts=("a red circle on a blue background", "a mozart style s
 def generate(pipe, prompt="a red circle", seed=0, steps=3, **kw):
     return pipe(prompt, num_inference_steps=steps, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def assert_diffusers_applies(adapter: Path, device: str = "cpu") -> None:
+    """diffusers' own loader (`load_lora_weights`) takes the trained file, and it changes the tiny model's image."""
+    import numpy as np
+
+    import sd_lora
+
+    pipe = sd_lora.load_pipeline("tiny").to(device)
+
+    def generate():
+        return pipe("a portrait in the style of inkwash", num_inference_steps=3, height=64, width=64,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    base = generate()
+    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name=adapter.stem)
+    styled = generate()
+    assert np.isfinite(styled).all() and np.abs(styled - base).max() > 1e-3
+
+
+def style_folder(tmp_path: Path) -> Path:
+    """A style folder of four images in two aspect ratios (one with a caption), plus a zero-byte file, a corrupt
+    PNG and a stray text file, which the run must skip."""
+    folder = tmp_path / "inkwash"
+    folder.mkdir()
+    for i in range(4):
+        image = Image.new("RGB", (64, 64) if i % 2 == 0 else (96, 64), (235, 225, 200))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((2, 2, image.width - 3, image.height - 3), outline=(120, 90, 20), width=4)
+        draw.ellipse((14 + 4 * i, 16, 44 + 4 * i, 48), fill=(40 * i, 70, 200), outline=(10, 10, 10), width=2)
+        image.save(folder / f"art_{i}.png")
+    (folder / "art_0.txt").write_text("a blue circle, ink outline")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "notes.txt").write_text("not a caption")
+    return folder
+
+
+def train_config(images: Path, output: Path, **changes) -> TrainConfig:
+    """The tiny model for 3 steps, no samples, checkpoints or logs unless `changes` ask for them."""
+    base = TrainConfig(images=str(images), model="tiny", output=str(output), steps=3, sample_every=0, save_every=0,
+                       log_with="none")
+    return dataclasses.replace(base, **changes)
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **extra}
+
+
+def style_args(images: Path, output: Path, *flags: str) -> list[str]:
+    return ["--images", str(images), "--model", "tiny", "--output", str(output), "--log-with", "none", *flags]
+
+
+
+
+def step_gradients(images: Path, output: Path, steps: int = 2, **changes) -> list[tuple[float, dict]]:
+    """(loss, {parameter name: gradient}) for the first `steps` batches of a run's Trainer, no optimizer step: what
+    one step computes, to compare a compiled step with an eager one exactly where it matters."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import sd_lora
+    from sd_lora.training import loop, prepare
+    from sd_lora.training.data import assign_buckets, scan_images
+
+    cfg = train_config(images, output, **changes).resolved()
+    pipe = sd_lora.load_pipeline("tiny")
+    accelerator = prepare.make_accelerator(cfg, notice=False)
+    pipe.to(accelerator.device)
+    pipe.to(dtype=prepare.weight_dtype(accelerator))
+    records = assign_buckets(scan_images(images, cfg.prompt, cfg.token, warn=None), prepare.native_resolution(pipe))
+    trainer = loop.Trainer(cfg, pipe, records, [], accelerator, prepare.native_resolution(pipe))
+    names = {id(p): f"{part}.{n}" for part in ("unet", "text_encoder")
+             for n, p in getattr(pipe, part).named_parameters() if p.requires_grad}
+    results = []
+    try:
+        for _ in range(steps):
+            with accelerator.autocast():
+                loss = trainer.loss(next(trainer.batches))
+            loss.backward()
+            results.append((loss.item(), {names[id(p)]: p.grad.float().cpu() for p in trainer.params}))
+            trainer.optimizer.zero_grad(set_to_none=True)
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return results
+
+
+def gradient_mismatches(eager: list, compiled: list, rtol: float) -> list[str]:
+    """Parameters whose compiled gradient differs from the eager one by more than rtol of the eager gradient's norm
+    (a zero gradient where eager has one always counts)."""
+    bad = []
+    for step, ((_, a), (_, b)) in enumerate(zip(eager, compiled)):
+        for name, g in a.items():
+            norm = float(g.norm())
+            if norm and float((b[name] - g).norm()) > rtol * norm:
+                bad.append(f"step {step}: {name} ({float((b[name] - g).norm()) / norm:.3g})")
+    return bad

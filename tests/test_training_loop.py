@@ -8,10 +8,8 @@ the tiny model 100x slower, and bit-for-bit comparisons need the same thread cou
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -21,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from helpers import assert_diffusers_applies, env, style_args, style_folder
+from helpers import train_config as config
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sd_lora
-from sd_lora.training import TrainConfig, UsageError, checkpoint, loop
+from sd_lora.training import UsageError, checkpoint, loop
 from sd_lora.training.config import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,27 +44,7 @@ def one_thread(monkeypatch):
 
 @pytest.fixture
 def images(tmp_path) -> Path:
-    """A style folder of four images in two aspect ratios (one with a caption), plus a zero-byte file, a corrupt
-    PNG and a stray text file, which the run must skip."""
-    folder = tmp_path / "inkwash"
-    folder.mkdir()
-    for i in range(4):
-        image = Image.new("RGB", (64, 64) if i % 2 == 0 else (96, 64), (235, 225, 200))
-        draw = ImageDraw.Draw(image)
-        draw.rectangle((2, 2, image.width - 3, image.height - 3), outline=(120, 90, 20), width=4)
-        draw.ellipse((14 + 4 * i, 16, 44 + 4 * i, 48), fill=(40 * i, 70, 200), outline=(10, 10, 10), width=2)
-        image.save(folder / f"art_{i}.png")
-    (folder / "art_0.txt").write_text("a blue circle, ink outline")
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    (folder / "notes.txt").write_text("not a caption")
-    return folder
-
-
-def config(images: Path, output: Path, **changes) -> TrainConfig:
-    base = TrainConfig(images=str(images), model="tiny", output=str(output), steps=3, sample_every=0, save_every=0,
-                       log_with="none")
-    return dataclasses.replace(base, **changes)
+    return style_folder(tmp_path)
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -73,14 +53,6 @@ def tensors(path) -> dict[str, torch.Tensor]:
 
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def env(**extra) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **extra}
-
-
-def style_args(images: Path, output: Path, *flags: str) -> list[str]:
-    return ["--images", str(images), "--model", "tiny", "--output", str(output), "--log-with", "none", *flags]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,16 +95,7 @@ def test_accelerate_launch_trains_an_adapter_that_diffusers_loads(images, tmp_pa
     assert Image.open(out / "samples" / "step-000006.png").size == (128, 64)  # two prompts side by side
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
-    pipe = sd_lora.load_pipeline("tiny")
-
-    def generate():
-        return pipe("a portrait in the style of inkwash", num_inference_steps=3, height=64, width=64,
-                    output_type="np", generator=torch.Generator().manual_seed(0)).images
-
-    base = generate()
-    pipe.load_lora_weights(str(out), weight_name="inkwash.safetensors", adapter_name="inkwash")
-    styled = generate()
-    assert np.isfinite(styled).all() and np.abs(styled - base).max() > 1e-3
+    assert_diffusers_applies(out / "inkwash.safetensors")
 
 
 def test_two_processes_train_together_and_only_the_main_one_writes(images, tmp_path):
@@ -396,8 +359,14 @@ def test_a_half_precision_model_folder_trains_on_the_cpu(images, tmp_path):
     from sd_lora.checkpoint import write_folder
 
     folder = write_folder(sd_lora.load_pipeline("tiny"), tmp_path / "tiny_fp16", torch.float16)
-    result = loop.train(config(images, tmp_path / "out", model=str(folder), steps=2))
+    pipe = sd_lora.load_pipeline(str(folder))
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # as diffusers' from_pretrained leaves them
+    result = loop.train(config(images, tmp_path / "out", model=str(folder), steps=2), pipe=pipe)
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    trained = {p for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 and p.numel() < 10_000 for p in trained)  # LoRA matrices only
+    frozen = [p for p in pipe.unet.parameters() if p not in trained]
+    assert frozen and all(p.grad is None for p in frozen)
 
 
 def test_a_caption_longer_than_the_text_encoder_window_is_named_in_a_warning(images, tmp_path, capsys):

@@ -134,6 +134,8 @@ class Trainer:
 
         self.cfg, self.pipe, self.accelerator, self.resolution = cfg, pipe, accelerator, resolution
         self.records, self.class_records, self.device = records, class_records, accelerator.device
+        for model in (pipe.unet, pipe.text_encoder, pipe.vae):  # from_pretrained leaves every weight trainable
+            model.requires_grad_(False)
         if cfg.attention == "xformers":
             pipe.unet.enable_xformers_memory_efficient_attention()
         self.lora = sd_lora.attach(pipe, mode="live")  # live: nothing is folded while the weights train
