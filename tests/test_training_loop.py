@@ -326,6 +326,7 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs"),
     (["--attention", "xformers"], "--attention xformers"),
+    (["--compile"], "--compile needs a CUDA GPU: on the CPU, torch.compile gave wrong LoRA gradients"),
 ])
 def test_cuda_only_features_give_a_clear_error_on_this_machine(images, tmp_path, capsys, no_model, flags, message):
     code, err = _main(style_args(images, tmp_path / "out", *flags), capsys)

@@ -90,10 +90,12 @@ class TrainConfig:
     seed: int = _opt(0, "random seed; a CPU run with the same seed is reproducible bit for bit", int)
     min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (e.g. 5); off by default", float)
     noise_offset: float = _opt(0.0, "noise offset (e.g. 0.05); 0 turns it off", float)
-    # Precision and memory
+    # Precision, memory and speed
     mixed_precision: str = _opt("auto", "auto: fp16 on CUDA, no on CPU", str)
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
     attention: str = _opt("sdpa", "attention implementation (xformers must be installed)", str)
+    compile: bool = _opt(False, "torch.compile the UNet (and a trained text encoder) on a CUDA GPU: the first step "
+                                "of each bucket compiles, the rest run faster")
     # Samples, logs, checkpoints, output
     sample_every: int = _opt(250, "make sample images every N steps (0: only at the end)", int)
     sample_prompts: tuple[str, ...] | None = _opt(None, "prompts for sample images (default: two prompts with the token)",

@@ -150,6 +150,12 @@ class Trainer:
             pipe.unet.enable_gradient_checkpointing()
             if self.train_te:
                 pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # --compile: the step calls compiled wrappers of the same modules; sampling and export use the modules as they are
+        if cfg.compile:
+            prepare.allow_recompiles(records, class_records)
+        self.unet = torch.compile(pipe.unet, dynamic=False) if cfg.compile else pipe.unet
+        self.text_encoder = (torch.compile(pipe.text_encoder, dynamic=False) if cfg.compile and self.train_te
+                             else pipe.text_encoder)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.token_ids: dict[str, torch.Tensor] = {}
 
@@ -245,7 +251,7 @@ class Trainer:
     def pass_loss(self, source, records, keys) -> torch.Tensor:
         latents = sample_latents(source.params(keys).to(self.device), self.pipe.vae.config, self.state.generator)
         cond = self.condition([records[i].caption for i, _ in keys])
-        return diffusion_loss(self.pipe.unet, self.noise_scheduler, latents, cond, self.state.generator,
+        return diffusion_loss(self.unet, self.noise_scheduler, latents, cond, self.state.generator,
                               self.cfg.min_snr_gamma, self.cfg.noise_offset).mean()
 
     def condition(self, captions: list[str]) -> torch.Tensor:
@@ -254,7 +260,7 @@ class Trainer:
             for c in captions:
                 if c not in self.token_ids:
                     self.token_ids[c] = tokenize(self.pipe.tokenizer, [c])
-            return encode_text(te, torch.cat([self.token_ids[c] for c in captions]))
+            return encode_text(self.text_encoder, torch.cat([self.token_ids[c] for c in captions]))
         if self.texts is not None:
             return self.texts(captions).to(self.device)
         with torch.no_grad():  # each caption on its own, exactly as the cache encodes them

@@ -38,8 +38,52 @@ def check_extras(cfg: TrainConfig) -> None:
                              "only); the default --attention sdpa needs nothing")
         if not _cuda():
             raise UsageError("--attention xformers needs a CUDA GPU; use --attention sdpa on the CPU")
+        problem = xformers_problem()
+        if problem:
+            raise UsageError(f"--attention xformers: xformers is installed but cannot run here ({problem}); "
+                             "reinstall it for this torch and CUDA, or use --attention sdpa")
+    if cfg.compile:
+        _check_compile()
     if cfg.log_with == "tensorboard" and not _has_tensorboard():
         raise UsageError("--log-with tensorboard: tensorboard is not installed (pip install tensorboard)")
+
+
+def xformers_problem() -> str | None:
+    """Why xformers' attention cannot run on this GPU, or None. The probe is the call diffusers makes when it
+    switches xformers on (fp32, tiny); a wheel built for another torch or CUDA fails it with a page of text."""
+    try:
+        import xformers.ops
+
+        q = torch.randn((1, 2, 40), device="cuda")
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as e:  # noqa: BLE001 - whatever the build lacks, say so in one line
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        built = next((line.strip() for line in str(e).splitlines() if "built with" in line or "build with" in line),
+                     None)
+        return f"{first[:120]}{'; ' + built[:120] if built and built != first else ''}"
+    return None
+
+
+def _check_compile() -> None:
+    """--compile runs the step through torch.compile's default backend, inductor, on a CUDA GPU only: on the CPU
+    (torch 2.13) inductor's code for the tiny UNet gave zero gradients to the middle block's LoRA while the loss
+    still matched eager, so a CPU run would silently train something else. The GPU test compares gradients."""
+    if not _cuda():
+        raise UsageError("--compile needs a CUDA GPU: on the CPU, torch.compile gave wrong LoRA gradients in our "
+                         "tests; train without --compile")
+    if importlib.util.find_spec("triton") is None:
+        raise UsageError("--compile on a GPU needs triton (it comes with PyTorch's CUDA wheels: pip install "
+                         "triton); or drop --compile")
+
+
+def allow_recompiles(records, class_records) -> None:
+    """--compile makes one graph per input shape (dynamic=False: inductor's dynamic-shape path failed on the UNet
+    when the bucket changed, torch 2.13). A run feeds at most two batch shapes per bucket (full batches and the
+    bucket's last, partial one), so dynamo's recompile limit must allow that many, or it falls back to eager."""
+    import torch._dynamo
+
+    shapes = 2 * (len({r.bucket for r in records}) + len({r.bucket for r in class_records}))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
 
 
 def _has_tensorboard() -> bool:

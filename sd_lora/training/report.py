@@ -27,6 +27,9 @@ def screen(title: str, rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join([title, *(f"  {label.ljust(width)}  {value}" for label, value in rows)])
 
 
+COMPILE_NOTE = "; torch.compile: the first step of each bucket compiles"
+
+
 def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, class_images: int, steps: int,
                start_step: int, epochs: float, processes: int, modules: dict[str, int], trainable: int,
                precision: str, device: str, frozen_bytes: int, caching: str, resume: str | None) -> list:
@@ -34,7 +37,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
     per_step = cfg.batch_size * cfg.grad_accum * processes
     te = f" + {modules['text_encoder']} text-encoder" if modules.get("text_encoder") else ""
     rows = [
-        ("model", f"{cfg.model}  ({device}, {precision})"),
+        ("model", f"{cfg.model}  ({device}, {precision}{COMPILE_NOTE if cfg.compile else ''})"),
         ("images", (f"{images} in {cfg.images}; {len(buckets)} bucket{'s' if len(buckets) != 1 else ''}: "
                    f"{buckets_text}")),
         ("captions", (f"{sidecars} from sidecar files, {images - sidecars} from the prompt {cfg.prompt!r}; "
