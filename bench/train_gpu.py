@@ -8,14 +8,15 @@ Each (variant, batch) runs in a fresh process, so peak VRAM is that variant's al
 
     python bench/train_gpu.py                                                # cuda, SD1.5 at 512 px, fp16, batch 1, 4
     python bench/train_gpu.py --device cpu --model tiny --precision no --steps 3   # smoke run without a GPU
+    python bench/train_gpu.py --variants ours ours-xformers ours-compile reference   # more of ours (compile:
+                                                                  # the first step compiles, not timed)
 
-On the device machine (torch, transformers, accelerate, peft are there; diffusers is not), carry diffusers' wheel:
-    echo /.whl/ >> .git/info/exclude
+On a GPU machine that has torch, transformers, accelerate and peft but not diffusers (this project's lent device
+machines), `bench/on_gpu.sh bench` runs it after installing the wheels in .whl/ (.gitignore'd), fetched here with:
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
-and run with carry [".whl"]:
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. \
-        && HF_HUB_OFFLINE=1 python3 bench/train_gpu.py
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+        diffusers==0.42.1 importlib_metadata lazy-importer [xformers bitsandbytes]
+bench/RESULTS.md has the numbers and when they were taken.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ from train_step import build, make_images, reset_accelerate
 from sd_lora.training import TrainConfig, loop, prepare
 from sd_lora.training.data import assign_buckets, scan_images
 
+VARIANTS = ["ours", "reference", "ours-xformers", "ours-compile"]  # in the order they run at each batch size
 
-def ours(pipe, folder: Path, resolution: int, batch: int, precision: str, out: Path):
-    """Our Trainer as train() sets it up: pipeline on the device, frozen weights in the low precision."""
+
+def ours(pipe, folder: Path, resolution: int, batch: int, precision: str, out: Path, variant: str = "ours"):
+    """Our Trainer as train() sets it up: pipeline on the device, frozen weights in the low precision.
+    `variant`: ours, ours-xformers (--attention xformers) or ours-compile (--compile)."""
     cfg = TrainConfig(images=str(folder), model="bench", output=str(out), rank=RANK, flip=False, steps=10**6,
                       batch_size=batch, mixed_precision=precision, sample_every=0, save_every=0,
-                      log_with="none").resolved()
+                      log_with="none", compile=variant == "ours-compile",
+                      attention="xformers" if variant == "ours-xformers" else "sdpa").resolved()
+    prepare.check_extras(cfg)
     accelerator = prepare.make_accelerator(cfg, notice=False)
     pipe.to(accelerator.device)
     pipe.to(dtype=prepare.weight_dtype(accelerator))
@@ -66,11 +72,14 @@ def measure(args) -> dict:
     pipe.to(args.device)
     with tempfile.TemporaryDirectory(prefix="sd_lora_bench_gpu_") as tmp:
         folder = make_images(Path(tmp) / "images", resolution, n=max(4, args.batch))
-        if args.variant == "ours":
-            step = ours(pipe, folder, resolution, args.batch, args.precision, Path(tmp) / "out")
+        if args.variant.startswith("ours"):
+            step = ours(pipe, folder, resolution, args.batch, args.precision, Path(tmp) / "out", args.variant)
         else:
             step = reference(pipe, folder, resolution, args.batch, args.precision)
-        for _ in range(args.warmup):
+        start = time.perf_counter()
+        step()  # with --compile, this one compiles
+        first = time.perf_counter() - start
+        for _ in range(args.warmup - 1):
             step()
         if cuda:
             torch.cuda.synchronize()
@@ -84,7 +93,7 @@ def measure(args) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     reserved = torch.cuda.max_memory_reserved() if cuda else 0
     return {"seconds": median(times), "images_per_s": args.batch / median(times), "peak_gb": peak / 1e9,
-            "reserved_gb": reserved / 1e9, "times": times}
+            "reserved_gb": reserved / 1e9, "times": times, "first": first}
 
 
 def main() -> None:
@@ -97,7 +106,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)  # one run, in this process
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "reference"],
+                   help="what to run at each batch size (ours and reference are always among them)")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run, in this process
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -109,7 +120,7 @@ def main() -> None:
           f"{args.warmup} warm-up", flush=True)
     rows = {}
     for batch in args.batches:
-        for variant in ("ours", "reference"):
+        for variant in [v for v in VARIANTS if v in {"ours", "reference", *args.variants}]:
             cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(batch)] + [
                 f"--{k}={v}" for k, v in (("device", args.device), ("model", args.model),
                                           ("precision", args.precision), ("steps", args.steps),
@@ -120,14 +131,21 @@ def main() -> None:
             result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
                           None)
             if result is None:
-                sys.exit(f"{variant} at batch {batch} failed:\n{done.stderr[-3000:]}")
+                error = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no output")
+                print(f"  batch {batch} {variant:12s} FAILED: {error[:300]}", flush=True)
+                if variant in ("ours", "reference"):
+                    sys.exit(done.stderr[-3000:])
+                continue
             rows[variant, batch] = result
-            print(f"  batch {batch} {variant:9s} {result['seconds']:.4f} s/step  {result['images_per_s']:7.2f} "
-                  f"images/s  peak {result['peak_gb']:.2f} GB allocated, {result['reserved_gb']:.2f} GB reserved",
-                  flush=True)
+            print(f"  batch {batch} {variant:12s} {result['seconds']:.4f} s/step  {result['images_per_s']:7.2f} "
+                  f"images/s  peak {result['peak_gb']:.2f} GB allocated, {result['reserved_gb']:.2f} GB reserved; "
+                  f"first step {result['first']:.1f} s", flush=True)
         ratio = rows["ours", batch]["images_per_s"] / rows["reference", batch]["images_per_s"]
         print(f"  batch {batch}: ours / reference images/s = {ratio:.2f}x (goal >= 1.0x: "
               f"{'MET' if ratio >= 1 else 'MISSED'})")
+        for variant in [v for v in VARIANTS[2:] if (v, batch) in rows]:
+            ratio = rows[variant, batch]["images_per_s"] / rows["reference", batch]["images_per_s"]
+            print(f"  batch {batch}: {variant} / reference images/s = {ratio:.2f}x")
     if 1 in args.batches and args.device == "cuda":
         peak = rows["ours", 1]["peak_gb"]
         print(f"  ours at batch 1: peak {peak:.2f} GB (goal <= 6 GB: {'MET' if peak <= 6 else 'MISSED'})")
