@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sd_lora
-from sd_lora.training import UsageError, checkpoint, loop
+from sd_lora.training import UsageError, checkpoint, loop, prepare
 from sd_lora.training.config import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,9 +242,9 @@ def test_v_prediction_min_snr_and_noise_offset():
 
 
 def test_learning_rate_schedules_warm_up_then_decay():
-    constant = loop.lr_factor("constant", 4, 20)
+    constant = prepare.lr_factor("constant", 4, 20)
     assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    linear, cosine = loop.lr_factor("linear", 0, 10), loop.lr_factor("cosine", 2, 12)
+    linear, cosine = prepare.lr_factor("linear", 0, 10), prepare.lr_factor("cosine", 2, 12)
     assert linear(0) == 1.0 and linear(5) == 0.5 and linear(10) == 0.0
     assert cosine(2) == 1.0 and cosine(7) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
 

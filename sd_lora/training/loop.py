@@ -39,7 +39,6 @@ from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, 
 
 NAN_LIMIT = 10  # this many NaN/Inf steps in a row stop the run
 SAMPLE_STEPS = 25  # denoising steps for sample images
-WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' LoRA scripts use
 
 
 def train(config: TrainConfig, pipe=None) -> dict:
@@ -189,9 +188,9 @@ class Trainer:
         groups = [{"params": params["unet"], "lr": cfg.lr}]
         if self.train_te:
             groups.append({"params": params["text_encoder"], "lr": cfg.te_lr})
-        self.optimizer = accelerator.prepare(make_optimizer(cfg.optimizer, groups))
+        self.optimizer = accelerator.prepare(prepare.make_optimizer(cfg.optimizer, groups))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer, lr_factor(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
+            self.optimizer.optimizer, prepare.lr_factor(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
         self.state = checkpoint.TrainState(self.models, torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank))
         checkpoint.register(accelerator, [self.state, self.lr_scheduler])
         self.restart_batches()
@@ -386,24 +385,3 @@ def diffusion_loss(unet, scheduler, latents, cond, generator, min_snr_gamma=None
         weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
         loss = loss * (1.0 if kind == "sample" else weight)
     return loss
-
-
-def lr_factor(kind: str, warmup: int, total: int):
-    """LambdaLR factor after `step` optimizer steps: linear warmup to 1, then constant, linear or cosine to 0."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[kind]
-    return factor
-
-
-def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, weight_decay=WEIGHT_DECAY)
-    try:  # one fused kernel instead of a dozen per parameter: 6x faster on many small LoRA matrices
-        return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY, fused=True)
-    except (RuntimeError, ValueError):  # a device without a fused AdamW
-        return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
