@@ -54,11 +54,12 @@ def check_extras(cfg: TrainConfig) -> None:
 
 def xformers_problem() -> str | None:
     """Why xformers' attention cannot run on this GPU, or None. The probe is the call diffusers makes when it
-    switches xformers on (fp32, tiny); a wheel built for another torch or CUDA fails it with a page of text."""
+    switches xformers on (fp32, tiny), on this process's GPU; a wheel built for another torch or CUDA fails it with
+    a page of text."""
     try:
         import xformers.ops
 
-        q = torch.randn((1, 2, 40), device="cuda")
+        q = torch.zeros((1, 2, 40), device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         xformers.ops.memory_efficient_attention(q, q, q)
     except Exception as e:  # noqa: BLE001 - whatever the build lacks, say so in one line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
