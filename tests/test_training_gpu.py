@@ -121,8 +121,8 @@ def test_adamw8bit_trains(images, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_compiled_step_computes_the_eager_gradients(images, tmp_path):
-    """--compile through triton: the same loss and the same LoRA gradients as eager, to fp16 rounding, for a batch
-    of each bucket (inductor once zeroed some gradients on the CPU while the loss still matched)."""
+    """--compile through triton: the same loss and the same LoRA gradients as eager, to fp16 rounding, for the run's
+    first two batches (on the CPU, inductor zeroed some gradients while the loss still matched)."""
     eager = step_gradients(images, tmp_path / "eager")
     try:
         compiled = step_gradients(images, tmp_path / "compiled", compile=True)
