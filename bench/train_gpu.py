@@ -14,8 +14,8 @@ Each (variant, batch) runs in a fresh process, so peak VRAM is that variant's al
 On a GPU machine that has torch, transformers, accelerate and peft but not diffusers (this project's lent device
 machines), `bench/on_gpu.sh bench` runs it after installing the wheels in .whl/ (.gitignore'd), fetched here with:
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-        diffusers==0.42.1 importlib_metadata lazy-importer [xformers bitsandbytes]
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl diffusers==0.42.1 importlib_metadata lazy-importer [xformers bitsandbytes]
 bench/RESULTS.md has the numbers and when they were taken.
 """
 

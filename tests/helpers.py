@@ -74,14 +74,10 @@ def assert_diffusers_applies(adapter: Path, device: str = "cpu") -> None:
     import sd_lora
 
     pipe = sd_lora.load_pipeline("tiny").to(device)
-
-    def generate():
-        return pipe("a portrait in the style of inkwash", num_inference_steps=3, height=64, width=64,
-                    output_type="np", generator=torch.Generator().manual_seed(0)).images
-
-    base = generate()
+    prompt = "a portrait in the style of inkwash"
+    base = generate(pipe, prompt)
     pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name=adapter.stem)
-    styled = generate()
+    styled = generate(pipe, prompt)
     assert np.isfinite(styled).all() and np.abs(styled - base).max() > 1e-3
 
 
@@ -118,8 +114,6 @@ def style_args(images: Path, output: Path, *flags: str) -> list[str]:
     return ["--images", str(images), "--model", "tiny", "--output", str(output), "--log-with", "none", *flags]
 
 
-
-
 def step_gradients(images: Path, output: Path, steps: int = 2, **changes) -> list[tuple[float, dict]]:
     """(loss, {parameter name: gradient}) for the first `steps` batches of a run's Trainer, no optimizer step: what
     one step computes, to compare a compiled step with an eager one exactly where it matters."""
@@ -134,8 +128,9 @@ def step_gradients(images: Path, output: Path, steps: int = 2, **changes) -> lis
     accelerator = prepare.make_accelerator(cfg, notice=False)
     pipe.to(accelerator.device)
     pipe.to(dtype=prepare.weight_dtype(accelerator))
-    records = assign_buckets(scan_images(images, cfg.prompt, cfg.token, warn=None), prepare.native_resolution(pipe))
-    trainer = loop.Trainer(cfg, pipe, records, [], accelerator, prepare.native_resolution(pipe))
+    resolution = prepare.native_resolution(pipe)
+    records = assign_buckets(scan_images(images, cfg.prompt, cfg.token, warn=None), resolution)
+    trainer = loop.Trainer(cfg, pipe, records, [], accelerator, resolution)
     names = {id(p): f"{part}.{n}" for part in ("unet", "text_encoder")
              for n, p in getattr(pipe, part).named_parameters() if p.requires_grad}
     results = []
@@ -158,7 +153,7 @@ def gradient_mismatches(eager: list, compiled: list, rtol: float) -> list[str]:
     bad = []
     for step, ((_, a), (_, b)) in enumerate(zip(eager, compiled)):
         for name, g in a.items():
-            norm = float(g.norm())
-            if norm and float((b[name] - g).norm()) > rtol * norm:
-                bad.append(f"step {step}: {name} ({float((b[name] - g).norm()) / norm:.3g})")
+            norm, off = float(g.norm()), float((b[name] - g).norm())
+            if norm and off > rtol * norm:
+                bad.append(f"step {step}: {name} ({off / norm:.3g})")
     return bad
