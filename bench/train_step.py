@@ -4,6 +4,7 @@ against a full fine-tuning step of the same UNet. CPU, fp32, batch 1, AdamW, ran
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py                   # tiny, then SD1.5 architecture
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py --models tiny     # seconds
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py --models tiny --compile   # + ours with --compile (minutes)
 
 Models: the built-in tiny model at its native 64 px, and the SD1.5 architecture (UNet ~860M, CLIP-L, SD1.5 VAE, all
 from their public configs with random weights) at 256 px, i.e. a 32x32 latent.
@@ -33,6 +34,10 @@ Variants that are compared take turns step by step (the order rotating), after t
 medians, ratios medians of per-turn ratios (and, since interference from other jobs only ever slows a step down, the
 ratio of the fastest steps too). Goals: caching on >= 1.5x the reference's images/s, caching off >= 1.0x; LoRA step >= 1.25x faster
 than the full step with <= 1/3 of its gradient + optimizer memory.
+
+--compile adds ours with --compile (inductor compiles the UNet and the text encoder; caching on) against the
+reference, taking turns as above; its first step, which compiles, is timed on its own. Inductor keeps what it compiled
+in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so a later process compiles the same graphs much faster.
 """
 
 from __future__ import annotations
@@ -102,9 +107,11 @@ def reset_accelerate() -> None:
 class Ours:
     """Our Trainer on the pipeline, as train/style.py builds it; `step(cached)` is one optimizer step."""
 
-    def __init__(self, pipe, folder: Path, resolution: int, out: Path, text_encoder: bool = True):
+    def __init__(self, pipe, folder: Path, resolution: int, out: Path, text_encoder: bool = True,
+                 compile: bool = False):
         cfg = TrainConfig(images=str(folder), model="bench", output=str(out), rank=RANK, flip=False, steps=10**6,
-                          text_encoder=text_encoder, sample_every=0, save_every=0, log_with="none").resolved()
+                          text_encoder=text_encoder, sample_every=0, save_every=0, log_with="none",
+                          compile=compile).resolved()
         records = assign_buckets(scan_images(folder, cfg.prompt, cfg.token, warn=None), resolution)
         self.trainer = loop.Trainer(cfg, pipe, records, [], prepare.make_accelerator(cfg, notice=False), resolution)
         self.cached, self.live = self.trainer.latents, LiveLatents(records, pipe.vae)
@@ -145,7 +152,22 @@ def interleaved(variants: dict, steps: int, warmup: int = 3) -> dict[str, list[f
     return times
 
 
-def bench(model: str, steps: int, work: Path) -> dict:
+def compiled(pipe, twin, folder: Path, resolution: int, steps: int, work: Path) -> dict[str, list[float]]:
+    """Ours with --compile (caching on) against the reference, after a first step that compiles (timed on its own)."""
+    import torch._dynamo
+
+    ref = Reference(pipe, twin, folder, resolution, f"an image in the style of {folder.name}")
+    ours = Ours(pipe, folder, resolution, work / "out_compiled", compile=True)
+    first: list[float] = []
+    timed(ours.step, first)
+    t = interleaved({"compiled": ours.step, "reference": ref.step}, steps)
+    ours.close()
+    ref.close()
+    torch._dynamo.reset()
+    return {"compile_first_step": first, "compiled": t["compiled"], "reference_vs_compiled": t["reference"]}
+
+
+def bench(model: str, steps: int, work: Path, compile: bool = False) -> dict:
     pipe, resolution = build(model)
     twin = copy.deepcopy(pipe.unet)  # the peers' UNet: same weights, so ours and theirs can alternate step by step
     folder = make_images(work / f"{model}_images", resolution, n=2)
@@ -172,6 +194,8 @@ def bench(model: str, steps: int, work: Path) -> dict:
     mem |= {"lora_unet": lora_unet.memory(), "full": full.memory()}
     lora_unet.close()
     full.close()
+    if compile:
+        t |= compiled(pipe, twin, folder, resolution, steps, work)
 
     res = {k: median(v) for k, v in t.items()}
     res |= {"ratio_cached": median(r / c for r, c in zip(t["reference"], t["cached"])),
@@ -181,6 +205,9 @@ def bench(model: str, steps: int, work: Path) -> dict:
             "min_cached": min(t["reference"]) / min(t["cached"]), "min_live": min(t["reference"]) / min(t["live"]),
             "min_unet": min(t["reference_unet"]) / min(t["lora_unet"]),
             "min_full": min(t["full"]) / min(t["lora_unet_vs_full"])}
+    if compile:
+        res |= {"ratio_compiled": median(r / c for r, c in zip(t["reference_vs_compiled"], t["compiled"])),
+                "min_compiled": min(t["reference_vs_compiled"]) / min(t["compiled"])}
     for name, times in t.items():
         print(f"  {name:18s} " + " ".join(f"{x:.3f}" for x in times), flush=True)
     return res | {"mem": mem, "in_backward": in_backward, "resolution": resolution, "steps": steps}
@@ -213,7 +240,19 @@ def report(model: str, res: dict) -> list[str]:
         (f"  gradient + optimizer memory: LoRA {mem['lora_unet'] / 2**20:.2f} MB, full {mem['full'] / 2**20:.1f} MB, "
          f"ratio {mem_ratio:.5f}  goal <= 0.333  {_ok(mem_ratio <= 1 / 3)}"),
         f"  (default run, text encoder trained: gradient + optimizer memory {mem['ours'] / 2**20:.2f} MB)",
-    ]
+    ] + (compiled_report(res, row, ratio) if "compiled" in res else [])
+
+
+def compiled_report(res: dict, row, ratio) -> list[str]:
+    saved = res["cached"] - res["compiled"]  # per step, against ours without --compile
+    payoff = (f"pays for itself after {(res['compile_first_step'] - res['compiled']) / saved:.0f} steps"
+              if saved > 0 else "never pays for itself: no faster than without --compile")
+    return ["  --compile (caching on), against the reference in the same turns:",
+            row("ours, --compile", "compiled"), row("reference", "reference_vs_compiled"),
+            ratio("--compile / reference", "compiled", 1.5),
+            (f"  --compile / the reference in the default run's turns: {res['reference'] / res['compiled']:.2f}x "
+             f"(the reference took {res['reference']:.3f} s/step there, {res['reference_vs_compiled']:.3f} here)"),
+            f"  first step (compiles UNet and text encoder): {res['compile_first_step']:.1f} s; {payoff}"]
 
 
 def _ok(ok: bool) -> str:
@@ -250,6 +289,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 30 for tiny, "
                                                                  "6 for sd15)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with --compile (inductor) against the reference; the first step compiles")
     parser.add_argument("--allocator", choices=["both", "default", "trainer"], default="both",
                         help="default: glibc as it comes; trainer: glibc keeping freed memory, as train() sets it on "
                              "the CPU; both (default): each in its own process, then the as-run comparison")
@@ -270,7 +311,7 @@ def main() -> None:
             steps = args.steps or (30 if model == "tiny" else 6)
             print(f"\n== {model}: {steps} timed steps per variant, interleaved", flush=True)
             start = time.perf_counter()
-            results[model] = bench(model, steps, Path(tmp))
+            results[model] = bench(model, steps, Path(tmp), args.compile)
             print("\n".join(report(model, results[model])))
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             gc.collect()
@@ -288,6 +329,7 @@ def run_both(args) -> None:
             out = Path(tmp) / f"{allocator}.json"
             cmd = [sys.executable, __file__, "--allocator", allocator, "--json", str(out), "--threads",
                    str(args.threads), "--models", *args.models] + (["--steps", str(args.steps)] if args.steps else [])
+            cmd += ["--compile"] if args.compile else []
             print(f"\n######## allocator: {allocator}", flush=True)
             subprocess.run(cmd, check=True)
             results[allocator] = json.loads(out.read_text())

@@ -176,6 +176,18 @@ def test_first_step_loss_is_the_same_with_caching_on_and_off(images, tmp_path):
                         tensors(tmp_path / "live" / "inkwash.safetensors"))
 
 
+def test_gradient_checkpointing_covers_a_trained_text_encoder_and_changes_no_number(images, tmp_path, recwarn):
+    pipe = sd_lora.load_pipeline("tiny")
+    on = loop.train(config(images, tmp_path / "on", steps=2, gradient_checkpointing=True), pipe=pipe)
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)]  # transformers 5 renamed it
+    for model in (pipe.unet, pipe.text_encoder):
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()), type(model).__name__
+    off = loop.train(config(images, tmp_path / "off", steps=2))
+    assert on["losses"] == off["losses"]
+    assert same_tensors(tensors(tmp_path / "on" / "inkwash.safetensors"),
+                        tensors(tmp_path / "off" / "inkwash.safetensors"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The step: precision, NaN handling, loss variants, schedules, run length
 
@@ -326,11 +338,19 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs"),
     (["--attention", "xformers"], "--attention xformers"),
-    (["--compile"], "--compile needs a CUDA GPU: on the CPU, torch.compile gave wrong LoRA gradients"),
 ])
 def test_cuda_only_features_give_a_clear_error_on_this_machine(images, tmp_path, capsys, no_model, flags, message):
     code, err = _main(style_args(images, tmp_path / "out", *flags), capsys)
     assert code == 2 and message in err
+
+
+def test_compile_without_a_cpp_compiler_gives_a_clear_error(images, tmp_path, capsys, no_model, monkeypatch):
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    code, err = _main(style_args(images, tmp_path / "out", "--compile"), capsys)
+    assert code == 2 and "--compile on the CPU needs a C++ compiler" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_model_suggests_the_tiny_one(images, tmp_path, capsys):

@@ -94,8 +94,8 @@ class TrainConfig:
     mixed_precision: str = _opt("auto", "auto: fp16 on CUDA, no on CPU", str)
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
     attention: str = _opt("sdpa", "attention implementation (xformers must be installed)", str)
-    compile: bool = _opt(False, "torch.compile the UNet (and a trained text encoder) on a CUDA GPU: the first step "
-                                "of each bucket compiles, the rest run faster")
+    compile: bool = _opt(False, "torch.compile the UNet (and a trained text encoder): the first step of each "
+                                "bucket compiles (minutes), the rest run faster; the CPU needs a C++ compiler")
     # Samples, logs, checkpoints, output
     sample_every: int = _opt(250, "make sample images every N steps (0: only at the end)", int)
     sample_prompts: tuple[str, ...] | None = _opt(None, "prompts for sample images (default: two prompts with the token)",

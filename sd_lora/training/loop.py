@@ -146,14 +146,12 @@ class Trainer:
         for model in self.models:
             model.train()
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            if self.train_te:
-                pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            prepare.checkpoint_activations(pipe.unet, pipe.text_encoder if self.train_te else None)
         # --compile: the step calls compiled wrappers of the same modules; sampling and export use the modules as they are
         if cfg.compile:
             prepare.allow_recompiles(records, class_records)
-        self.unet = torch.compile(pipe.unet, dynamic=False) if cfg.compile else pipe.unet
-        self.text_encoder = (torch.compile(pipe.text_encoder, dynamic=False) if cfg.compile and self.train_te
+        self.unet = prepare.compile_model(pipe.unet, self.device) if cfg.compile else pipe.unet
+        self.text_encoder = (prepare.compile_model(pipe.text_encoder, self.device) if cfg.compile and self.train_te
                              else pipe.text_encoder)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.token_ids: dict[str, torch.Tensor] = {}
