@@ -10,6 +10,7 @@ Each (variant, batch) runs in a fresh process, so peak VRAM is that variant's al
     python bench/train_gpu.py --device cpu --model tiny --precision no --steps 3   # smoke run without a GPU
     python bench/train_gpu.py --variants ours ours-xformers ours-compile reference   # more of ours (compile:
                                                                   # the first step compiles, not timed)
+    python bench/train_gpu.py --batches 1 --profile 10   # and where each step's time goes (torch.profiler)
 
 On a GPU machine that has torch, transformers, accelerate and peft but not diffusers (this project's lent device
 machines), `bench/on_gpu.sh bench` runs it after installing the wheels in .whl/ (.gitignore'd), fetched here with:
@@ -89,11 +90,31 @@ def measure(args) -> dict:
             start = time.perf_counter()
             step()  # returns loss.item(): the step has finished on the device
             times.append(time.perf_counter() - start)
+        profiled = profile(step, args.profile, cuda) if args.profile else None
         reset_accelerate()
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     reserved = torch.cuda.max_memory_reserved() if cuda else 0
     return {"seconds": median(times), "images_per_s": args.batch / median(times), "peak_gb": peak / 1e9,
-            "reserved_gb": reserved / 1e9, "times": times, "first": first}
+            "reserved_gb": reserved / 1e9, "times": times, "first": first, "profile": profiled}
+
+
+def profile(step, steps: int, cuda: bool) -> str:
+    """Where a step's time goes, over `steps` more steps under torch.profiler: wall time, the time the device was
+    busy with kernels (so how much of the step the GPU waits on the CPU-side work), and the operators with the
+    most CPU-side time of their own."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / steps / 1e6
+    head = (f"profiled {steps} steps: {wall * 1e3:.1f} ms/step wall (with the profiler's own overhead), device busy "
+            f"{busy * 1e3:.1f} ms/step ({busy / wall:.0%})")
+    return head + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
 
 
 def main() -> None:
@@ -106,6 +127,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps of each run (torch.profiler) and print where time goes")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "reference"],
                    help="what to run at each batch size (ours and reference are always among them)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run, in this process
@@ -124,7 +147,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(batch)] + [
                 f"--{k}={v}" for k, v in (("device", args.device), ("model", args.model),
                                           ("precision", args.precision), ("steps", args.steps),
-                                          ("warmup", args.warmup), ("threads", args.threads))]
+                                          ("warmup", args.warmup), ("threads", args.threads),
+                                          ("profile", args.profile))]
             if args.resolution:
                 cmd.append(f"--resolution={args.resolution}")
             done = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -140,6 +164,8 @@ def main() -> None:
             print(f"  batch {batch} {variant:12s} {result['seconds']:.4f} s/step  {result['images_per_s']:7.2f} "
                   f"images/s  peak {result['peak_gb']:.2f} GB allocated, {result['reserved_gb']:.2f} GB reserved; "
                   f"first step {result['first']:.1f} s", flush=True)
+            if result["profile"]:
+                print(f"  batch {batch} {variant}: {result['profile']}", flush=True)
         ratio = rows["ours", batch]["images_per_s"] / rows["reference", batch]["images_per_s"]
         print(f"  batch {batch}: ours / reference images/s = {ratio:.2f}x (goal >= 1.0x: "
               f"{'MET' if ratio >= 1 else 'MISSED'})")
