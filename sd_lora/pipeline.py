@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,25 @@ _SAFE_CONFIG_PATH = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "unet/config.json": nev
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says which model and why."""
+
+
+OFFLINE_HINT = "offline, use model 'tiny', a local diffusers folder or a .safetensors checkpoint"
+
+
+class _Drop(logging.Filter):
+    """Drops log records whose message matches `pattern` at its start."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(str(record.msg))
+
+
+# transformers warns once per process that its image processors fall back to PIL without torchvision. sd_lora uses
+# none of them (no safety checker), so that line only confuses: it is dropped, and nothing else from that logger.
+logging.getLogger("transformers.utils.import_utils").addFilter(_Drop(r"`\w+ImageProcessor` requires torchvision"))
 
 
 def default_guidance(model: str | os.PathLike) -> float:
@@ -192,9 +212,35 @@ def embedded_config(pipe) -> str:
 
 
 def _from_hub(cls, name: str):
+    """from_pretrained, with one message when it fails. diffusers' own "Couldn't connect to the Hub ... Will try to
+    load from local cache" notice is dropped: the error says it, and a cached model loads without it."""
+    hub_notice = _Drop(r"Couldn't connect to the Hub")
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(hub_notice)
     try:
         return cls.from_pretrained(name, safety_checker=None, requires_safety_checker=False)
     except Exception as e:
-        raise ModelLoadError(f"{name}: could not load the model from the Hugging Face hub ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}). Offline, use model 'tiny', a local "
-                             "diffusers folder or a .safetensors checkpoint") from e
+        raise ModelLoadError(f"{name}: {_hub_problem(e)}; {OFFLINE_HINT}") from e
+    finally:
+        logger.removeFilter(hub_notice)
+
+
+def _hub_problem(e: BaseException) -> str:
+    """What went wrong fetching a hub model, in one short clause, from the exception and its causes."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    kinds = {type(c).__name__ for c in chain}
+    if "OfflineModeIsEnabled" in kinds:
+        return "not in the local Hugging Face cache, and the hub is switched off (HF_HUB_OFFLINE is set)"
+    if "GatedRepoError" in kinds:
+        return "a gated model: accept its terms on huggingface.co, then log in (hf auth login)"
+    if "RepositoryNotFoundError" in kinds:
+        return "no such model on the Hugging Face hub (or it is private: log in with hf auth login)"
+    if any(isinstance(c, (ConnectionError, TimeoutError)) or type(c).__name__.endswith(("ConnectError", "Timeout"))
+           for c in chain):
+        cause = str(chain[-1]).splitlines()[0][:120] if str(chain[-1]) else type(chain[-1]).__name__
+        return f"not in the local Hugging Face cache, and the hub cannot be reached ({cause})"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"could not load the model from the Hugging Face hub ({type(e).__name__}: {text[:200]})"

@@ -166,8 +166,15 @@ def load_model(model: str):
     try:
         return sd_lora.load_pipeline(model)
     except sd_lora.ModelLoadError as e:
+        from sd_lora.pipeline import OFFLINE_HINT
+
         message = " ".join(str(e).split())
-        raise UsageError(f"--model: {message} (--model tiny trains the built-in model offline)") from None
+        if OFFLINE_HINT in message:
+            message = message.replace(OFFLINE_HINT, "offline, use --model tiny (the built-in model), a local diffusers "
+                                                    "folder or a .safetensors checkpoint")
+        else:
+            message += " (--model tiny trains the built-in model offline)"
+        raise UsageError(f"--model: {message}") from None
 
 
 def native_resolution(pipe) -> int:
