@@ -101,6 +101,19 @@ def test_scan_finds_images_recursively_in_any_case_with_captions(messy, capsys):
     assert sizes["a.png"] == (100, 60) and sizes["k_rotated.jpg"] == (20, 40)
 
 
+def test_an_image_whose_caption_cannot_be_read_is_skipped_with_one_warning(tmp_path):
+    """Not trained under the default prompt instead. The unreadable sidecar is a link to /proc/self/mem, whose read()
+    fails with EIO even for root (a chmod 000 file would not stop root)."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").symlink_to("/proc/self/mem")
+    lines = []
+    records = scan_images(tmp_path, caption=PROMPT, token="mozart", warn=lines.append)
+    assert [r.path.name for r in records] == ["a.png"]
+    assert lines == ["warning: skipped b.png: unreadable caption (b.txt: Input/output error)",
+                     "warning: skipped 1 of 2 files (1 unreadable caption); using 1 images"]
+
+
 def test_bad_files_get_one_warning_line_each_then_a_summary(messy, capsys):
     lines = []
     scan_images(messy, caption=PROMPT, token="mozart", warn=lines.append)

@@ -71,7 +71,7 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
                 warn: Warn | None = _stderr) -> list[ImageRecord]:
     """Every usable image under `folder`, sorted by relative path, with its caption.
 
-    Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type) are skipped with one warning line
+    Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped with one warning line
     each and a summary line. Hidden files and folders (".name") are ignored silently: they hold editor and OS
     clutter, and our own temporary files. Raises DatasetError when nothing usable is left.
     """
@@ -96,8 +96,11 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
         else:
             problem, detail, size = _probe(path)
             if problem is None:
-                records.append(ImageRecord(path, read_caption(path, caption, token), size))
-                continue
+                try:
+                    records.append(ImageRecord(path, read_caption(path, caption, token), size))
+                    continue
+                except OSError as e:  # training it under the default prompt instead would be silently wrong
+                    problem, detail = "unreadable caption", f"{Path(e.filename).name}: {e.strerror}"
         problems[problem] += 1
         warn(f"warning: skipped {rel}: {problem} ({detail})")
     skipped = sum(problems.values())
@@ -144,13 +147,18 @@ def _one_line(e: Exception) -> str:
 
 def read_caption(image_path: str | os.PathLike, default: str, token: str | None = None) -> str:
     """The caption for an image: its `name.txt` or `name.caption` sidecar, else `default`; the trigger token is
-    prepended when the caption lacks it. Whitespace (newlines included) collapses to single spaces."""
+    prepended when the caption lacks it. Whitespace (newlines included) collapses to single spaces. A sidecar that
+    cannot be read raises OSError with its path as `filename`."""
     path = Path(image_path)
     caption = ""
     for ext in CAPTION_EXTENSIONS:
         sidecar = path.with_suffix(ext)
         if sidecar.is_file():
-            caption = " ".join(sidecar.read_text(encoding="utf-8", errors="replace").split())
+            try:
+                text = sidecar.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or type(e).__name__, str(sidecar)) from e
+            caption = " ".join(text.split())
             if caption:
                 break
     return with_token(caption or " ".join(default.split()), token)
