@@ -362,6 +362,25 @@ def test_a_missing_model_suggests_the_tiny_one(images, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("hub,problem", [
+    ({"HF_HUB_OFFLINE": "1"}, "not in the local Hugging Face cache, and the hub is switched off (HF_HUB_OFFLINE is set)"),
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+     "not in the local Hugging Face cache, and the hub cannot be reached ([Errno 111] Connection refused)"),
+])
+def test_a_hub_model_that_cannot_be_fetched_is_one_line_on_stderr(images, tmp_path, hub, problem):
+    """Everything the user sees, in a fresh process with transformers' and diffusers' logging as they come: no
+    "Couldn't connect to the Hub" notice, no torchvision notice, no traceback; only the skipped-file warnings."""
+    run = subprocess.run([sys.executable, str(STYLE), "--images", str(images), "--output", str(tmp_path / "out"),
+                          "--model", "no-such-user/no-such-model"], check=False, capture_output=True, text=True,
+                         env={**env(HF_HOME=str(tmp_path / "hf_home"), **hub), "TRANSFORMERS_VERBOSITY": "warning"},
+                         timeout=120)
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("warning: skipped ")]
+    expected = (f"style.py: error: --model: no-such-user/no-such-model: {problem}; offline, use --model tiny (the "
+                "built-in model), a local diffusers folder or a .safetensors checkpoint")
+    assert run.returncode == 2 and lines == [expected], run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):
     """A save killed midway leaves a hidden temporary folder, which --resume latest ignores and the next run
     removes; a kill mid-delete leaves a hidden folder too."""

@@ -104,10 +104,10 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
         if cfg.sample_every and step % cfg.sample_every == 0 and step < trainer.total_steps:
             trainer.save_samples()
         if cfg.save_every and step % cfg.save_every == 0 and step < trainer.total_steps:
-            trainer.save_checkpoint()
+            trainer.save_checkpoint(started)
     bar.close()
     preview = trainer.save_samples()
-    trainer.save_checkpoint()
+    trainer.save_checkpoint(started)
     adapter = out / f"{cfg.name}.safetensors"
     if main:
         written = trainer.write_outputs(adapter, preview, started)
@@ -307,10 +307,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return images[0]
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, started: float) -> None:
+        """The accelerate state and the adapter so far; `started`: when this run (this process) started."""
         step, name = self.state.step, self.cfg.name
         checkpoint.save(self.accelerator, self.cfg.output, step, self.cfg.keep_checkpoints,
-                        lambda folder: self._save_adapter(folder / f"{name}.safetensors", time.time()),
+                        lambda folder: self._save_adapter(folder / f"{name}.safetensors", started),
                         {"loss": self.state.losses[-1] if self.state.losses else None})
 
     def _save_adapter(self, path: Path, started: float) -> None:

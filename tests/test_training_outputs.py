@@ -1,0 +1,138 @@
+"""What a training run shows and leaves behind, as a user of train/style.py meets it: the start and end screens, the
+progress bar, TensorBoard logs (the default when it is installed), the checkpoints' contents, the adapter's
+metadata, `--resume PATH`, `--no-text-encoder` and `--no-dataset-metadata`. Tiny model, CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import env, style_folder, train_config
+from safetensors import safe_open
+
+from sd_lora.training import loop, prepare
+
+STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
+FLAGS = ["--model", "tiny", "--steps", "4", "--save-every", "2", "--sample-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One run with the default logging (no --log-with): 4 steps, checkpoints and samples every 2."""
+    root = tmp_path_factory.mktemp("outputs")
+    images, out = style_folder(root), root / "out"
+    before = time.time()
+    done = subprocess.run([sys.executable, str(STYLE), "--images", str(images), "--output", str(out), *FLAGS],
+                          check=False, capture_output=True, text=True, env=env(), cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"images": images, "out": out, "stdout": done.stdout, "stderr": done.stderr, "before": int(before),
+            "after": time.time()}
+
+
+def metadata(path: Path) -> tuple[dict, list[str]]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), list(f.keys())
+
+
+def test_the_start_and_end_screens_say_what_the_run_is_and_where_it_went(run):
+    start, end = run["stdout"].split("sd-lora: done, ")
+    adapter = run["out"] / "inkwash.safetensors"
+    assert start.startswith("sd-lora: training a style LoRA\n")
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in start.splitlines()[1:] if line.strip()}
+    assert rows["images"].startswith(f"4 in {run['images']}; 2 buckets: ")
+    assert rows["steps"] == "4 × 1 image (batch 1 × grad-accum 1 × 1 process) = 1 epoch"
+    assert "cross-attn: 28 UNet + 8 text-encoder modules, 16,128 trainable parameters (fp32)" in rows["network"]
+    assert rows["memory"].startswith("frozen weights 7.4 MB, LoRA + gradients + AdamW state ")
+    assert rows["output"] == f"{adapter}; samples every 2 steps, checkpoints every 2 (keep 3)"
+    assert end.startswith(f"{adapter}\n")
+    ends = {line.split()[0]: line.split(None, 1)[1] for line in end.splitlines()[1:] if line.strip()
+            and not line.startswith(" " * 6)}
+    assert ends["time"].split("s in all; ")[1].startswith("4 steps took ")
+    assert ends["adapter"].startswith(f"{adapter} (")
+
+
+def test_the_progress_bar_shows_the_step_rate_loss_and_lr(run):
+    last = [part for part in run["stderr"].split("\r") if "training:" in part][-1]
+    assert "4/4" in last and "step/s" in last and "loss=" in last and "lr=1.00e-03" in last
+
+
+def test_tensorboard_is_the_default_and_gets_loss_lr_and_the_sample_grids(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(run["out"] / "logs" / "sd-lora"), size_guidance={"images": 0})
+    logs.Reload()
+    assert [e.step for e in logs.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in logs.Scalars("lr")] == [1, 2, 3, 4]
+    assert [e.step for e in logs.Images("samples")][-1] == 4  # the last grid, at the end of the run
+
+
+def test_a_checkpoint_holds_the_state_and_the_adapter_so_far(run):
+    folder = run["out"] / "checkpoints" / "step-2"
+    names = {p.name for p in folder.iterdir()}
+    assert {"inkwash.safetensors", "optimizer.bin", "random_states_0.pkl"} <= names
+    saved, keys = metadata(folder / "inkwash.safetensors")
+    final, final_keys = metadata(run["out"] / "inkwash.safetensors")
+    assert keys == final_keys and saved["ss_max_train_steps"] == "2" and final["ss_max_train_steps"] == "4"
+    assert saved["ss_training_started_at"] == final["ss_training_started_at"]  # when the run started, not the save
+    assert int(saved["ss_training_finished_at"]) <= int(final["ss_training_finished_at"])
+
+
+def test_the_adapter_carries_kohya_and_modelspec_metadata(run):
+    md, keys = metadata(run["out"] / "inkwash.safetensors")
+    assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
+    assert md["ss_network_alpha"] == "4.0" and md["ss_v2"] == "False" and md["ss_output_name"] == "inkwash"
+    assert md["ss_base_model_version"] == "sd_v1" and md["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert md["modelspec.title"] == "inkwash" and md["modelspec.trigger_phrase"] == "inkwash"
+    assert md["modelspec.resolution"] == "64x64"
+    date = datetime.datetime.strptime(md["modelspec.date"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    assert run["before"] - 1 <= date.timestamp() <= run["after"] + 1
+    assert run["before"] <= int(md["ss_training_started_at"]) <= int(md["ss_training_finished_at"]) <= run["after"]
+    assert json.loads(md["ss_tag_frequency"])["inkwash"]
+    assert json.loads(md["ss_dataset_dirs"]) == {"inkwash": {"n_repeats": 1, "img_count": 4}}
+
+
+def test_resume_from_a_checkpoint_path_into_another_folder_ends_where_the_run_did(run, tmp_path):
+    """--resume PATH (not `latest`): a new output folder continues from step 2 and ends bit for bit where the run
+    that wrote the checkpoint ended."""
+    out = tmp_path / "resumed"
+    done = subprocess.run([sys.executable, str(STYLE), "--images", str(run["images"]), "--output", str(out), *FLAGS,
+                           "--resume", str(run["out"] / "checkpoints" / "step-2")],
+                          check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume" in done.stdout and "step-2" in done.stdout
+    with safe_open(str(out / "inkwash.safetensors"), "pt") as a, \
+            safe_open(str(run["out"] / "inkwash.safetensors"), "pt") as b:
+        keys = list(a.keys())
+        assert keys == list(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
+
+
+def test_no_text_encoder_and_no_dataset_metadata(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    loop.train(train_config(style_folder(tmp_path), out, steps=2, text_encoder=False, dataset_metadata=False))
+    md, keys = metadata(out / "inkwash.safetensors")
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert "ss_tag_frequency" not in md and "ss_dataset_dirs" not in md
+    assert md["ss_text_encoder_lr"] == "0"
+
+
+def test_the_default_resolution_is_the_models_native_size_512_for_sd15():
+    """The SD1.5 UNet and VAE from their public configs, built on the meta device (no weights allocated)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from common import SD15_UNET
+    from train_step import SD15_VAE
+
+    with torch.device("meta"):
+        pipe = type("Pipe", (), {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE)})
+    assert prepare.native_resolution(pipe) == 512
