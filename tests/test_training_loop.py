@@ -363,7 +363,8 @@ def test_a_missing_model_suggests_the_tiny_one(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("hub,problem", [
-    ({"HF_HUB_OFFLINE": "1"}, "not in the local Hugging Face cache, and the hub is switched off (HF_HUB_OFFLINE is set)"),
+    ({"HF_HUB_OFFLINE": "1"},
+     "not in the local Hugging Face cache, and the hub is switched off (HF_HUB_OFFLINE is set)"),
     ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
      "not in the local Hugging Face cache, and the hub cannot be reached ([Errno 111] Connection refused)"),
 ])

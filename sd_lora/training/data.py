@@ -71,9 +71,9 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
                 warn: Warn | None = _stderr) -> list[ImageRecord]:
     """Every usable image under `folder`, sorted by relative path, with its caption.
 
-    Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped with one warning line
-    each and a summary line. Hidden files and folders (".name") are ignored silently: they hold editor and OS
-    clutter, and our own temporary files. Raises DatasetError when nothing usable is left.
+    Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped
+    with one warning line each and a summary line. Hidden files and folders (".name") are ignored silently: they hold
+    editor and OS clutter, and our own temporary files. Raises DatasetError when nothing usable is left.
     """
     root = Path(folder).expanduser()
     if not root.exists():

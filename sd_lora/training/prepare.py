@@ -89,7 +89,7 @@ def _check_compile() -> None:
 # Inductor options per device. On the CPU, torch 2.13's inductor fuses some kernels of the LoRA backward wrongly:
 # with its default fusion the tiny UNet's mid-block cross-attention LoRA got exactly zero gradients and earlier
 # layers gradients 4-18% off, while the loss matched eager (bench/compile_cpu_check.py reproduces it). Capping a
-# fused kernel at two nodes gives eager's gradients at the same speed; tests/test_training_loop.py checks them.
+# fused kernel at two nodes gives eager's gradients at the same speed; tests/test_training_compile.py checks them.
 CPU_COMPILE_OPTIONS = {"max_fusion_size": 2}
 
 
