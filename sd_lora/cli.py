@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from sd_lora import merge, report
+from sd_lora import lowrank, merge, report
 from sd_lora.adapter import atomic_write_bytes, read_adapter, save_adapter
 from sd_lora.pipeline import ModelLoadError, default_guidance
 from sd_lora.weights import AdapterError, AdapterWeights
@@ -274,7 +274,7 @@ def cmd_blend(a) -> int:
     w = merge.blend_exact(items)
     fit = None
     if a.rank is not None:
-        w, fit = merge.resize(w, rank=a.rank)
+        w, fit = lowrank.resize(w, rank=a.rank)
         for m in fit.modules:
             print(f"{m.name}: rank {m.rank_before} -> {m.rank_after}, energy kept {m.kept:.4f}")
     _save(w, out, a.format, _out_dtype(a.dtype, _tensors(items)))
@@ -286,7 +286,7 @@ def cmd_blend(a) -> int:
 def cmd_resize(a) -> int:
     out = _adapter_out(a.out)
     w = merge.diffusers_named(read_adapter(a.file))
-    small, fit = merge.resize(w, rank=a.rank, energy=a.energy)
+    small, fit = lowrank.resize(w, rank=a.rank, energy=a.energy)
     for m in fit.modules:
         print(f"{m.name}: rank {m.rank_before} -> {m.rank_after}, relative error {m.error:.4g}")
     _save(small, out, a.format, _out_dtype(a.dtype, _tensors([(w, 1.0)])))
@@ -304,7 +304,7 @@ def cmd_extract(a) -> int:
         if not any(n.startswith("text_encoder.") for n in weights):  # e.g. SD2/SDXL single files (OpenCLIP layout)
             print(f"note: no CLIP-L text-encoder weights found in {path}: the LoRA covers the UNet only",
                   file=sys.stderr)
-    w, fit = merge.extract(base, tuned, a.rank, a.conv_rank, family=family)
+    w, fit = lowrank.extract(base, tuned, a.rank, a.conv_rank, family=family)
     sample = next(iter(base.values()))
     dtype = DTYPES[a.dtype] if a.dtype else (sample() if callable(sample) else sample).dtype
     _save(w, out, a.format, dtype)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from sd_lora.adapter import atomic_write_bytes, read_adapter
-from sd_lora.merge import rank_for_energy, spectrum
+from sd_lora.lowrank import rank_for_energy, spectrum
 from sd_lora.weights import AdapterWeights
 
 SHARE = 0.9

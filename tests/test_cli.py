@@ -11,7 +11,7 @@ from helpers import random_adapter, te_out, unet_out, with_conv_module
 from PIL import Image
 
 import sd_lora
-from sd_lora import cli, merge, read_adapter
+from sd_lora import cli, lowrank, read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_resize_prints_the_error_and_keeps_the_scale(files, tmp_path, capsys):
     assert code == 0 and "energy kept" in stdout.splitlines()[-1]
     chosen = read_adapter(tmp_path / "e.safetensors")
     for name, m in original.modules.items():  # per module: the smallest rank keeping 90% of the energy
-        assert chosen.modules[name].rank == merge.rank_for_energy(merge.spectrum(m), 0.9)
+        assert chosen.modules[name].rank == lowrank.rank_for_energy(lowrank.spectrum(m), 0.9)
 
 
 def test_inspect_a_kohya_file(files, tmp_path, capsys):
@@ -109,8 +109,8 @@ def test_inspect_a_kohya_file(files, tmp_path, capsys):
     assert info["training"]["ss_learning_rate"] == "0.0001" and info["trigger_words"] == ["mozart style", "ornate"]
     w = read_adapter(a)
     for m in info["module_details"][:5]:
-        s = merge.spectrum(w.modules[m["name"]])
-        assert m["effective_rank"] == merge.rank_for_energy(s, 0.9) and 1 <= m["effective_rank"] <= 4
+        s = lowrank.spectrum(w.modules[m["name"]])
+        assert m["effective_rank"] == lowrank.rank_for_energy(s, 0.9) and 1 <= m["effective_rank"] <= 4
     assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,7 +9,7 @@ from helpers import random_adapter, te_out, unet_out, with_conv_module
 from safetensors import safe_open
 
 import sd_lora
-from sd_lora import AdapterError, merge
+from sd_lora import AdapterError, lowrank, merge
 from sd_lora.checkpoint import read_header, unet_layout_from_ldm, write_single_file
 from sd_lora.formats import ldm
 
@@ -208,9 +208,9 @@ def test_blend_is_linear_per_module_and_takes_per_part_weights(adapters):
 
 def test_svd_blend_reports_the_energy_it_keeps(items):
     exact = merge.blend_exact(items)
-    _, report = merge.resize(exact, rank=12)
+    _, report = lowrank.resize(exact, rank=12)
     assert all(m.kept == 1.0 for m in report.modules) and report.error == 0.0
-    small, report = merge.resize(exact, rank=3)
+    small, report = lowrank.resize(exact, rank=3)
     assert max(m.rank for m in small.modules.values()) == 3 and 0.0 < report.error < 1.0
     for fit in report.modules:
         want, got = exact.modules[fit.name].delta(), small.modules[fit.name].delta()
@@ -221,11 +221,11 @@ def test_svd_blend_reports_the_energy_it_keeps(items):
 # ---- resizing -----------------------------------------------------------------------------------------------------
 def test_resize_to_full_rank_is_lossless_and_error_falls_with_rank(adapters):
     a = adapters["a"]
-    same, report = merge.resize(a, rank=4)
+    same, report = lowrank.resize(a, rank=4)
     assert all(same.modules[n] is m for n, m in a.modules.items()) and report.error == 0.0
     errors = []
     for rank in (1, 2, 3):
-        small, report = merge.resize(a, rank=rank)
+        small, report = lowrank.resize(a, rank=rank)
         for name, m in small.modules.items():
             assert m.rank == rank and m.scale == pytest.approx(a.modules[name].scale)  # alpha keeps α/r
         errors.append(report.error)
@@ -236,7 +236,7 @@ def test_resize_of_an_overparameterised_adapter_is_lossless():
     """a + a at rank 8 has true rank 4: resizing to 4 loses nothing (up to float rounding)."""
     a = random_adapter(sd_lora.load_pipeline("tiny"), "attn", rank=4, seed=3)
     doubled = merge.blend_exact([(a, 0.5), (a, 0.5)])
-    small, report = merge.resize(doubled, rank=4)
+    small, report = lowrank.resize(doubled, rank=4)
     assert report.error < 1e-5
     for name, m in small.modules.items():
         torch.testing.assert_close(m.delta(), a.modules[name].delta(), atol=1e-5, rtol=1e-4)
@@ -244,15 +244,15 @@ def test_resize_of_an_overparameterised_adapter_is_lossless():
 
 def test_resize_by_energy_picks_the_smallest_rank_per_module(items):
     exact = merge.blend_exact(items)
-    _, report = merge.resize(exact, energy=0.9)
+    _, report = lowrank.resize(exact, energy=0.9)
     for fit in report.modules:
-        energy = merge.spectrum(exact.modules[fit.name]) ** 2
+        energy = lowrank.spectrum(exact.modules[fit.name]) ** 2
         share = (torch.cumsum(energy, 0) / energy.sum()).tolist()  # share[k - 1]: what the top k keep
         assert share[fit.rank_after - 1] >= 0.9 - 1e-6
         assert fit.rank_after == 1 or share[fit.rank_after - 2] < 0.9
     assert len({f.rank_after for f in report.modules}) > 1  # chosen per module
     with pytest.raises(ValueError, match="exactly one"):
-        merge.resize(exact)
+        lowrank.resize(exact)
 
 
 # ---- extraction ---------------------------------------------------------------------------------------------------
@@ -267,15 +267,15 @@ def test_extract_recovers_a_known_low_rank_delta(tmp_path):
     base_w, family = checkpoint_weights("tiny")
     tuned_w, tuned_family = checkpoint_weights(tmp_path / "tuned.safetensors")
     assert family == tuned_family == "sd1"
-    got, report = merge.extract(base_w, tuned_w, rank=3, conv_rank=2)
+    got, report = lowrank.extract(base_w, tuned_w, rank=3, conv_rank=2)
     assert set(got.modules) == set(known.modules)
     assert len(report.skipped) > 0 and report.error < 1e-3  # everything else is unchanged
     for name, m in known.modules.items():
         torch.testing.assert_close(got.modules[name].delta(), m.delta(), atol=2e-5, rtol=1e-3)
-    without_conv, _ = merge.extract(base_w, tuned_w, rank=3)
+    without_conv, _ = lowrank.extract(base_w, tuned_w, rank=3)
     assert set(without_conv.modules) == set(known.modules) - {conv}
     with pytest.raises(AdapterError, match="identical"):
-        merge.extract(base_w, base_w, rank=3)
+        lowrank.extract(base_w, base_w, rank=3)
 
 
 # ---- naming -------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import sd_lora
-from sd_lora import grid, merge
+from sd_lora import grid, lowrank, merge
 from sd_lora.atomic import atomic_file, atomic_write_bytes
 from sd_lora.formats.detect import model_family
 from ui import catalog, params
@@ -314,7 +314,7 @@ class Studio:
         blended = merge.blend_exact(items, dict(self.pipe.unet.config))
         notes = [f"exact blend of {len(items)} adapter(s): rank {'/'.join(map(str, sorted(blended.ranks)))}"]
         if rank:
-            blended, report = merge.resize(blended, rank=int(rank))
+            blended, report = lowrank.resize(blended, rank=int(rank))
             notes.append(f"SVD to rank {int(rank)}: {report.summary()}")
         path = _free_path(self.outputs / "loras", name.strip() or "blend", ".safetensors")
         thumbnail = thumbnail if thumbnail and Path(thumbnail).is_file() else None
