@@ -1,7 +1,8 @@
 """AdapterWeights: one adapter as plain tensors, independent of any file format or model.
 
 This is the hand-off type between formats (read/write), the runtime (Adapters.load/export), the trainer and the
-offline algebra in merge.py and lowrank.py. It lives in its own module so formats can build it without importing file I/O.
+offline algebra in merge.py and lowrank.py. It lives in its own module so formats can build it without importing
+file I/O.
 """
 
 from __future__ import annotations
