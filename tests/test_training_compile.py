@@ -29,7 +29,7 @@ try:
 
     get_cpp_compiler()
     HAVE_CXX = True
-except Exception:  # noqa: BLE001 - no C++ compiler: what the flag test below checks instead
+except Exception:  # noqa: BLE001 - no C++ compiler; test_training_loop.py checks the error --compile gives then
     HAVE_CXX = False
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
