@@ -20,17 +20,11 @@ from helpers import env, gradient_mismatches, step_gradients, style_args, train_
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd_lora.training import loop
+from sd_lora.training import loop, prepare
 
 STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
 
-try:
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
-    get_cpp_compiler()
-    HAVE_CXX = True
-except Exception:  # noqa: BLE001 - no C++ compiler; test_training_loop.py checks the error --compile gives then
-    HAVE_CXX = False
+HAVE_CXX = prepare.have_cpp_compiler()  # without one, test_training_errors.py checks the error --compile gives
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="the CPU path; tests/test_training_gpu.py tests the GPU's")

@@ -147,7 +147,8 @@ class Trainer:
             model.train()
         if cfg.gradient_checkpointing:
             prepare.checkpoint_activations(pipe.unet, pipe.text_encoder if self.train_te else None)
-        # --compile: the step calls compiled wrappers of the same modules; sampling and export use the modules as they are
+        # --compile: the step calls compiled wrappers of the same modules; sampling and export use the modules as
+        # they are
         if cfg.compile:
             prepare.allow_recompiles(records, class_records)
         self.unet = prepare.compile_model(pipe.unet, self.device) if cfg.compile else pipe.unet
@@ -252,7 +253,6 @@ class Trainer:
                               self.cfg.min_snr_gamma, self.cfg.noise_offset).mean()
 
     def condition(self, captions: list[str]) -> torch.Tensor:
-        te = self.pipe.text_encoder
         if self.train_te:  # the encoder changes every step; its input does not
             for c in captions:
                 if c not in self.token_ids:
@@ -261,7 +261,7 @@ class Trainer:
         if self.texts is not None:
             return self.texts(captions).to(self.device)
         with torch.no_grad():  # each caption on its own, exactly as the cache encodes them
-            return torch.cat([encode_text(te, tokenize(self.pipe.tokenizer, [c])) for c in captions])
+            return torch.cat([encode_text(self.text_encoder, tokenize(self.pipe.tokenizer, [c])) for c in captions])
 
     def average_gradients(self) -> None:
         """Average the LoRA gradients over the processes: one all-reduce of a few MB per optimizer step."""

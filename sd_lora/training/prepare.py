@@ -77,13 +77,20 @@ def _check_compile() -> None:
             raise UsageError("--compile on a GPU needs triton (it comes with PyTorch's CUDA wheels: pip install "
                              "triton); or drop --compile")
         return
+    if not have_cpp_compiler():
+        raise UsageError("--compile on the CPU needs a C++ compiler (g++ was not found; e.g. apt install g++); "
+                         "or drop --compile")
+
+
+def have_cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler its CPU code needs."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
         get_cpp_compiler()
     except Exception:  # noqa: BLE001 - inductor raises its own InvalidCxxCompiler
-        raise UsageError("--compile on the CPU needs a C++ compiler (g++ was not found; e.g. apt install g++); "
-                         "or drop --compile") from None
+        return False
+    return True
 
 
 # Inductor options per device. On the CPU, torch 2.13's inductor fuses some kernels of the LoRA backward wrongly:
