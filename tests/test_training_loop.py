@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,12 +99,20 @@ def test_accelerate_launch_trains_an_adapter_that_diffusers_loads(images, tmp_pa
     assert_diffusers_applies(out / "inkwash.safetensors")
 
 
-def test_two_processes_train_together_and_only_the_main_one_writes(images, tmp_path):
-    """`torchrun` (what `accelerate launch --multi_gpu` runs) with two CPU processes: gradients are averaged over
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_multi_gpu_trains_in_two_processes_and_only_the_main_one_writes(images, tmp_path):
+    """The spec's own command, `accelerate launch --multi_gpu`, with two processes. With no GPU accelerate runs them
+    on the CPU over gloo, through the same torch.distributed launcher it uses on GPUs: gradients are averaged over
     both, each process saves its RNG state in the checkpoint, and the main process alone prints and writes."""
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(STYLE),
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), str(STYLE),
          *style_args(images, out, "--steps", "2", "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"))],
         check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
