@@ -105,23 +105,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_launch_multi_gpu_trains_in_two_processes_and_only_the_main_one_writes(images, tmp_path):
-    """The spec's own command, `accelerate launch --multi_gpu`, with two processes. With no GPU accelerate runs them
-    on the CPU over gloo, through the same torch.distributed launcher it uses on GPUs: gradients are averaged over
-    both, each process saves its RNG state in the checkpoint, and the main process alone prints and writes."""
-    out = tmp_path / "out"
+def multi_gpu(images: Path, out: Path, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
     run = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
          "--main_process_port", str(free_port()), str(STYLE),
-         *style_args(images, out, "--steps", "2", "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"))],
-        check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+         *style_args(images, out, "--sample-every", "0", "--lr", "1e-3", *flags)],
+        check=False, capture_output=True, text=True, env=env(), cwd=cwd, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_accelerate_launch_multi_gpu_trains_in_two_processes_and_resumes_exactly(images, tmp_path):
+    """The spec's own command, `accelerate launch --multi_gpu`, with two processes. With no GPU accelerate runs them
+    on the CPU over gloo, through the same torch.distributed launcher it uses on GPUs: gradients are averaged over
+    both, each process saves its RNG state in the checkpoint, and the main process alone prints and writes.
+    Resumed from its step-2 checkpoint, the run ends bit for bit where it did: each process gets its own noise back,
+    not the main process's."""
+    out = tmp_path / "out"
+    run = multi_gpu(images, out, tmp_path, "--steps", "4", "--save-every", "2", "--cache-dir", str(tmp_path / "c"))
     assert run.stdout.count("sd-lora: training a style LoRA") == 1 and run.stdout.count("sd-lora: done") == 1
-    assert "2 × 2 images (batch 1 × grad-accum 1 × 2 processes)" in run.stdout
+    assert "4 × 2 images (batch 1 × grad-accum 1 × 2 processes)" in run.stdout
     assert run.stderr.count("warning: skipped empty.png") == 1
     step = out / "checkpoints" / "step-2"
     assert (step / "random_states_0.pkl").is_file() and (step / "random_states_1.pkl").is_file()
-    assert (out / "inkwash.safetensors").is_file()
+
+    resumed = tmp_path / "resumed"
+    multi_gpu(images, resumed, tmp_path, "--steps", "4", "--save-every", "0", "--resume", str(step))
+    assert same_tensors(tensors(out / "inkwash.safetensors"), tensors(resumed / "inkwash.safetensors"))
 
 
 def test_the_loss_falls_over_the_run(images, tmp_path):

@@ -2,7 +2,7 @@
 
     <output>/run.json                  the settings that decide the adapter; a different run is refused
     <output>/checkpoints/step-<N>/     accelerate's state (optimizer, RNGs) and the trainer's (LoRA weights in fp32,
-                                       exact; step; generator; schedule), and <name>.safetensors, the adapter at step N
+                                       exact; step; schedule), and <name>.safetensors, the adapter at step N
 
 A checkpoint is written into a hidden temporary folder and renamed into place once complete, and old ones are renamed
 away before they are deleted, so a run killed at any moment leaves only whole checkpoints under `step-<N>` names:
@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sd_lora.training.config import TrainConfig, UsageError
@@ -193,12 +194,24 @@ def remove_stale(output: str | os.PathLike) -> None:
 
 
 class TrainState:
-    """What a checkpoint holds besides accelerate's own state (optimizer, its RNGs): the LoRA weights, exactly, the
-    step and loss history, and the trainer's generator."""
+    """What a checkpoint holds besides accelerate's own state (optimizer, its RNGs): the LoRA weights, exactly, and
+    the step and loss history.
 
-    def __init__(self, models, generator: torch.Generator):
-        self.models, self.generator = models, generator
+    The trainer's random numbers (noise, timesteps, latent samples) come from `generator`, which `begin_step()`
+    reseeds from (seed, process, step) at every optimizer step. So a checkpoint needs no generator state: accelerate
+    writes custom state from the main process only, and a saved generator would come back as the main process's on
+    every process of a multi-process run."""
+
+    def __init__(self, models, seed: int, process: int = 0):
+        self.models, self.seed, self.process = models, seed, process
+        self.generator = torch.Generator()
         self.step, self.skipped, self.streak, self.losses = 0, 0, 0, []
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        """Reseed the generator for the step about to run (step `self.step + 1`)."""
+        mixed = np.random.SeedSequence([self.seed, self.process, self.step]).generate_state(2, dtype=np.uint32)
+        self.generator.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
     def record(self, loss: float) -> None:
         self.step += 1
@@ -212,7 +225,6 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "streak": self.streak, "losses": list(self.losses),
-                "generator": self.generator.get_state(),
                 "lora": {n: p.detach().cpu().clone() for n, p in self._params().items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,7 +236,7 @@ class TrainState:
                 p.copy_(state["lora"][name])
         self.step, self.skipped, self.streak = state["step"], state["skipped"], state["streak"]
         self.losses = list(state["losses"])
-        self.generator.set_state(state["generator"])
+        self.begin_step()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ class Trainer:
         self.optimizer = accelerator.prepare(prepare.make_optimizer(cfg.optimizer, groups))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, prepare.lr_factor(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
-        self.state = checkpoint.TrainState(self.models, torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank))
+        self.state = checkpoint.TrainState(self.models, cfg.seed, rank)
         checkpoint.register(accelerator, [self.state, self.lr_scheduler])
         self.restart_batches()
 
@@ -213,6 +213,7 @@ class Trainer:
         """One optimizer step. Returns the loss (mean over the batches and processes), or None when it was NaN/Inf
         and the step was skipped."""
         cfg, acc = self.cfg, self.accelerator
+        self.state.begin_step()  # noise and timesteps depend on (seed, process, step) only: resume is exact
         losses = []
         for _ in range(cfg.grad_accum):
             keys = next(self.batches)
