@@ -49,6 +49,11 @@ class _Drop(logging.Filter):
 # transformers warns once per process that its image processors fall back to PIL without torchvision. sd_lora uses
 # none of them (no safety checker), so that line only confuses: it is dropped, and nothing else from that logger.
 logging.getLogger("transformers.utils.import_utils").addFilter(_Drop(r"`\w+ImageProcessor` requires torchvision"))
+# diffusers 0.42 warns on every `model.to(dtype)` that "modules ... should be kept in float32: []", even when the
+# model has none (its check is `[] is not None`). The line with an empty list is that false alarm and is dropped; a
+# model that does keep modules in fp32 still gets the warning.
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    _Drop(r"There are modules in \w+ that should be kept in float32: \[\]\."))
 
 
 def default_guidance(model: str | os.PathLike) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,15 @@ def test_the_start_and_end_screens_say_what_the_run_is_and_where_it_went(run):
 def test_the_progress_bar_shows_the_step_rate_loss_and_lr(run):
     last = [part for part in run["stderr"].split("\r") if "training:" in part][-1]
     assert "4/4" in last and "step/s" in last and "loss=" in last and "lr=1.00e-03" in last
+
+
+def test_stderr_holds_the_cpu_notice_and_the_progress_bars_only(run):
+    """No library chatter: diffusers' "should be kept in float32: []" false alarm on every cast, transformers'
+    torchvision notice and the like are dropped (sd_lora.pipeline); a line that is not ours would show up here."""
+    parts = [p.strip() for p in re.split(r"[\r\n]", run["stderr"]) if p.strip()]
+    ours = ("caching latents:", "training:", "warning: skipped ")  # the bars; the folder's bad files
+    assert [p for p in parts if not p.startswith(ours)] == [
+        "notice: no CUDA GPU, so training runs in fp32 on the CPU (mixed precision is for a GPU)"]
 
 
 def test_tensorboard_is_the_default_and_gets_loss_lr_and_the_sample_grids(run):
