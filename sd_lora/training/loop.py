@@ -4,8 +4,9 @@
     -> steps (loss, backward, clip, optimizer, log; samples and checkpoints now and then) -> adapter file
 
 One optimizer step is --grad-accum batches on each process. Everything random a step uses (timesteps, noise, the
-latent sample) comes from one torch.Generator the trainer owns and checkpoints, and batch order is a pure function of
-(seed, position), so a CPU run is reproducible bit for bit, and so is a killed run resumed from a checkpoint.
+latent sample) comes from one torch.Generator the trainer owns, reseeded from (seed, process, step) at every step, and
+batch order is a pure function of (seed, position), so a CPU run is reproducible bit for bit, and so is a killed run
+resumed from a checkpoint, with any number of processes.
 
 Several processes (`accelerate launch --multi_gpu`) each train on their share of the batches and average the LoRA
 gradients before every optimizer step, a few MB; nothing here wraps models, so sampling and export use the very
