@@ -99,6 +99,23 @@ def test_accelerate_launch_trains_an_adapter_that_diffusers_loads(images, tmp_pa
     assert_diffusers_applies(out / "inkwash.safetensors")
 
 
+def test_a_precision_chosen_for_accelerate_launch_is_used_unless_the_trainer_is_told_otherwise(images, tmp_path):
+    """`accelerate launch --mixed_precision bf16` (or an accelerate config that says bf16) trains in bf16 with the
+    default --mixed-precision auto; an explicit --mixed-precision wins."""
+    def model_row(*flags: str) -> str:
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "accelerate"), "launch", "--mixed_precision", "bf16",
+             "--num_processes", "1", "--cpu", str(STYLE),
+             *style_args(images, tmp_path / flags[-1], "--steps", "1", "--sample-every", "0", "--save-every", "0",
+                         *flags)],
+            check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return next(line for line in run.stdout.splitlines() if line.strip().startswith("model "))
+
+    assert "(cpu, bf16 mixed precision (frozen weights bf16, LoRA fp32))" in model_row("--mixed-precision", "auto")
+    assert model_row("--mixed-precision", "no").endswith("(cpu, fp32)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

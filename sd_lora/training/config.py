@@ -91,7 +91,8 @@ class TrainConfig:
     min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (e.g. 5); off by default", float)
     noise_offset: float = _opt(0.0, "noise offset (e.g. 0.05); 0 turns it off", float)
     # Precision, memory and speed
-    mixed_precision: str = _opt("auto", "auto: fp16 on CUDA, no on CPU", str)
+    mixed_precision: str = _opt("auto", "auto: fp16 on CUDA and no on CPU, unless `accelerate launch "
+                                "--mixed_precision` (or its config) chose fp16 or bf16", str)
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
     attention: str = _opt("sdpa", "attention implementation (xformers must be installed)", str)
     compile: bool = _opt(False, "torch.compile the UNet (and a trained text encoder): the first step of each "

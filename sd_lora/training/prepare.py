@@ -138,11 +138,17 @@ def _has_tensorboard() -> bool:
 
 
 def make_accelerator(cfg: TrainConfig, notice: bool = True):
-    """An Accelerator for the device and the precision: fp16 by default on CUDA, fp32 ('no') on the CPU."""
+    """An Accelerator for the device and the precision: fp16 by default on CUDA, fp32 ('no') on the CPU. With the
+    default --mixed-precision auto, a low precision chosen for the launcher (`accelerate launch --mixed_precision
+    bf16`, or an accelerate config file) is used as if given to the trainer; the launcher's 'no' is also its default
+    when nothing was chosen, so it does not count."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     precision = cfg.mixed_precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "auto" and launched in ("fp16", "bf16"):
+        precision = launched
     if not _cuda() and precision in ("auto", "fp16"):
         if notice:
             print(f"notice: no CUDA GPU, so training runs in fp32 on the CPU (mixed precision "
