@@ -117,6 +117,22 @@ def test_every_field_has_a_flag():
     assert {"--no-text-encoder", "--no-flip", "--no-dataset-metadata", "--no-cache", "--overwrite"} <= flags
 
 
+def test_help_gives_every_flag_that_has_a_default_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: argparse would break "stable-diffusion" at its hyphen
+    with pytest.raises(SystemExit):
+        style.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    import argparse
+
+    for action in add_arguments(argparse.ArgumentParser())._actions:
+        if action.default in (None, "", argparse.SUPPRESS) or action.required:
+            continue  # --images (required), --epochs, --resume, ...: unset unless given
+        assert "default" in action.help.lower(), action.option_strings
+        assert " ".join(action.help.split()) in text  # what --help prints
+    assert "--flip, --no-flip random horizontal flips (default: on)" in text
+    assert "--overwrite, --no-overwrite replace an output folder that holds a different run (default: off)" in text
+
+
 def test_flags_map_onto_the_config():
     c = style.parse(["--images", "imgs", "--rank", "8", "--te-lr", "1e-5", "--no-text-encoder", "--no-flip",
                      "--targets", "full", "--sample-prompts", "one", "two", "--resolution", "64", "--epochs", "2"])

@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kind = meta.pop("type")
         if kind is None:  # a boolean switch
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_text)
+                                default=f.default, help=f"{help_text} (default: {'on' if f.default else 'off'})")
             continue
         default_note = "" if f.default in (None, "") or "default" in help_text else f" (default: {f.default})"
         parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
