@@ -49,6 +49,15 @@ class Blend:
         return self.weights.get(name, 0.0) * self.scale
 
 
+class AdapterParams(nn.ParameterDict):
+    """A ParameterDict keyed by adapter name, where a name may hold dots ("add_detail_v1.5", the stem of a file people
+    share). torch refuses dots in parameter names, so each entry is stored under its name with "%" and "." escaped
+    ("add_detail_v1%2E5"); the keys seen through the dict are the names as given."""
+
+    def _key_to_attr(self, key: str) -> str:
+        return super()._key_to_attr(key).replace("%", "%25").replace(".", "%2E")
+
+
 class LoRALayer(nn.Module):
     """A frozen base layer plus any number of named low-rank adapters."""
 
@@ -59,8 +68,8 @@ class LoRALayer(nn.Module):
         self.base = base
         self.blend = blend
         self.is_conv = isinstance(base, nn.Conv2d)
-        self.down = nn.ParameterDict()
-        self.up = nn.ParameterDict()
+        self.down = AdapterParams()
+        self.up = AdapterParams()
         self.alpha: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         # Original weight, kept off the accelerator, restored bit for bit on unfold. Saved lazily on first fold.

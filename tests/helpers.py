@@ -76,7 +76,8 @@ def assert_diffusers_applies(adapter: Path, device: str = "cpu") -> None:
     pipe = sd_lora.load_pipeline("tiny").to(device)
     prompt = "a portrait in the style of inkwash"
     base = generate(pipe, prompt)
-    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name=adapter.stem)
+    # PEFT refuses dots in adapter names ("style.v1.5"), so a diffusers user renames; sd_lora takes them as they are
+    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name=adapter.stem.replace(".", "_"))
     styled = generate(pipe, prompt)
     assert np.isfinite(styled).all() and np.abs(styled - base).max() > 1e-3
 

@@ -146,6 +146,29 @@ def test_save_reload_gives_same_outputs(pipe, tmp_path):
     torch.testing.assert_close(te_out(other), expect[1], atol=1e-6, rtol=1e-6)
 
 
+def test_names_with_dots_as_shared_files_have_them(pipe, tmp_path):
+    """"add_detail_v1.5.safetensors" loads under its stem (torch refuses dots in parameter names, so sd_lora escapes
+    them), and does not collide with a name that looks like the escaped one."""
+    fresh = sd_lora.load_pipeline("tiny")
+    sd_lora.save_adapter(random_adapter(fresh, seed=0), tmp_path / "add_detail_v1.5.safetensors", dtype=torch.float32)
+    sd_lora.save_adapter(random_adapter(fresh, seed=1), tmp_path / "other.safetensors", dtype=torch.float32)
+    base = unet_out(pipe)
+    lora = sd_lora.attach(pipe)
+    lora.load(tmp_path / "add_detail_v1.5.safetensors")
+    lora.load(tmp_path / "other.safetensors", name="add_detail_v1%2E5", weight=0.0)
+    assert lora.names == ["add_detail_v1.5", "add_detail_v1%2E5"]
+    dotted = unet_out(pipe)
+    lora.set_weights({"add_detail_v1.5": 0.0, "add_detail_v1%2E5": 1.0})
+    assert not torch.allclose(unet_out(pipe), dotted, atol=1e-4)  # two adapters, not one under two names
+    lora.save("add_detail_v1.5", tmp_path / "again.safetensors", dtype=torch.float32)
+    lora.remove("add_detail_v1.5")
+    lora.remove("add_detail_v1%2E5")
+    torch.testing.assert_close(unet_out(pipe), base, atol=0, rtol=0)
+    other = sd_lora.load_pipeline("tiny")
+    sd_lora.attach(other).load(tmp_path / "again.safetensors", name="v.1.5.")
+    torch.testing.assert_close(unet_out(other), dotted, atol=1e-6, rtol=1e-6)
+
+
 # ---- failed loads leave the pipeline exactly as it was ----------------------------------------------------------
 def _assert_untouched(pipe, lora, original, expect_names):
     assert lora.names == expect_names
