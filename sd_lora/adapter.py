@@ -97,6 +97,10 @@ def save_adapter(weights: AdapterWeights, path: str | os.PathLike, format: str =
         tensors, header = detect.FORMATS["diffusers"].write(weights, dtype)
     else:
         raise ValueError(f"unknown format {format!r}: use 'kohya' or 'diffusers'")
+    for key, tensor in tensors.items():  # finite in fp32 (validate), but beyond fp16's range it becomes Inf
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+            raise AdapterError(f"{path}: {key}: values beyond the range of {str(dtype).removeprefix('torch.')} "
+                               "became Inf; save with dtype=torch.float32")
     header.update({k: str(v) for k, v in (metadata or {}).items()})
     data = st_save(tensors, header)
     if format == "kohya":  # the hash covers the tensor bytes only, so it can go into the header afterwards

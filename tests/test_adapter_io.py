@@ -186,6 +186,17 @@ def test_save_is_atomic_and_leaves_no_temp_files(pipe, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # nor the folders made for it
 
 
+def test_values_beyond_fp16_are_refused_in_fp16_and_kept_in_fp32(pipe, tmp_path):
+    w = random_adapter(pipe, preset="cross-attn")
+    module = next(iter(w.modules.values()))
+    module.up[0, 0] = 1e6  # finite in fp32, Inf in fp16
+    with pytest.raises(AdapterError, match=r"a\.safetensors: .*values beyond the range of float16 became Inf"):
+        save_adapter(w, tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
+    save_adapter(w, tmp_path / "a.safetensors", dtype=torch.float32)
+    assert read_adapter(tmp_path / "a.safetensors").modules[next(iter(w.modules))].up[0, 0] == 1e6
+
+
 def test_public_api_names():
     for name in ("load_pipeline", "attach", "Adapters", "read_adapter", "save_adapter", "AdapterWeights"):
         assert hasattr(sd_lora, name)
