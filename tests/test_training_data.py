@@ -13,12 +13,12 @@ from PIL import Image
 
 from sd_lora.training import caches
 from sd_lora.training.caches import LatentCache, LiveLatents, TextCache, encode_text, sample_latents, tokenize
+from sd_lora.training.class_images import generate_class_images
 from sd_lora.training.data import (
     BucketSampler,
     DatasetError,
     assign_buckets,
     bucket_counts,
-    generate_class_images,
     load_image,
     make_buckets,
     nearest_bucket,
@@ -334,3 +334,67 @@ def test_class_images_are_generated_and_an_interrupted_run_resumes_to_the_same_f
     assert generate_class_images(part, "a painting", 4, tiny, **steps) == []  # nothing missing
     records = scan_images(part, caption="a painting", warn=None)
     assert len(records) == 4 and {r.caption for r in records} == {"a painting"}
+
+
+def test_caption_sidecars_are_read_whatever_the_case_of_their_extension(tmp_path):
+    """img0.TXT and img1.Caption caption their images, as a.txt does, instead of being ignored for the prompt."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "img0.png")
+    (tmp_path / "img0.TXT").write_text("a cat")
+    Image.new("RGB", (8, 8)).save(tmp_path / "img1.png")
+    (tmp_path / "img1.Caption").write_text("a dog")
+    (tmp_path / "notes.TXT").write_text("no image of this name")
+    lines = []
+    records = scan_images(tmp_path, caption=PROMPT, token="mozart", warn=lines.append)
+    assert {r.path.name: r.caption for r in records} == {"img0.png": "mozart, a cat", "img1.png": "mozart, a dog"}
+    assert lines == ["warning: skipped notes.TXT: not an image (a caption file with no image named notes.*)",
+                     "warning: skipped 1 of 3 files (1 not an image); using 2 images"]
+
+
+def test_the_caption_sidecar_is_chosen_the_same_way_every_time(tmp_path):
+    """.txt before .caption in any case; among case variants of one extension the lower-case one, then by name."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "x.caption").write_text("from x.caption")
+    (tmp_path / "x.Txt").write_text("from x.Txt")
+    (tmp_path / "x.TXT").write_text("from x.TXT")
+    assert read_caption(image, PROMPT) == "from x.TXT"
+    (tmp_path / "x.txt").write_text("from x.txt")
+    assert read_caption(image, PROMPT) == "from x.txt"
+    assert [r.caption for r in scan_images(tmp_path, caption=PROMPT, warn=None)] == ["from x.txt"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_caption(tmp_path):
+    """Windows Notepad starts UTF-8 files with a byte-order mark; undecodable bytes still read as U+FFFD."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffmozart, a café".encode())
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfa \xff dog")
+    records = scan_images(tmp_path, caption=PROMPT, token="mozart", warn=None)
+    assert [r.caption for r in records] == ["mozart, a café", "mozart, a \ufffd dog"]
+    assert read_caption(tmp_path / "a.png", PROMPT, "mozart") == "mozart, a café"
+
+
+def test_excluded_folders_inside_the_images_folder_are_skipped_silently(tmp_path, monkeypatch):
+    """`--images nest --output nest/lora`: a second run does not train on the previews, samples and class images
+    in nest/lora, nor warn about its checkpoints. Excluding the images folder itself, a parent of it, or a folder
+    that does not exist yet excludes nothing."""
+    nest = tmp_path / "nest"
+    (nest / "lora" / "samples").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nest / "a.png")
+    Image.new("RGB", (8, 8)).save(nest / "b.jpg")
+    (nest / "b.txt").write_text("a dog")
+    for name in ("preview.png", "loss.png", "samples/step-100.png", "class-00000.png"):
+        Image.new("RGB", (8, 8)).save(nest / "lora" / name)
+    for name in ("pytorch_lora_weights.safetensors", "config.json", "train.log", "empty.png", "orphan.txt"):
+        (nest / "lora" / name).write_bytes(b"" if name == "empty.png" else b"{}")
+    assert len(scan_images(nest, caption=PROMPT, warn=None)) == 6  # without exclude, the output is training data
+
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    records = scan_images("nest", caption=PROMPT, warn=lines.append,
+                          exclude=["nest/lora", nest / "cache", nest, tmp_path, tmp_path / "elsewhere"])
+    assert [(r.path.name, r.caption) for r in records] == [("a.png", PROMPT), ("b.jpg", "a dog")]
+    assert lines == []
+    only_samples = scan_images(nest, caption=PROMPT, warn=None, exclude=[nest / "x" / ".." / "lora" / "samples"])
+    assert sorted(r.path.name for r in only_samples) == ["a.png", "b.jpg", "class-00000.png", "loss.png",
+                                                         "preview.png"]

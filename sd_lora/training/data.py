@@ -1,6 +1,6 @@
-"""Training data: find images and captions, normalise them, put them in aspect-ratio buckets, make
-prior-preservation class images, and hand out reproducible batches. Latent and text-embedding caches live in
-caches.py.
+"""Training data: find images and captions, normalise them, put them in aspect-ratio buckets, and hand out
+reproducible batches. Latent and text-embedding caches live in caches.py, prior-preservation class images in
+class_images.py.
 
 The order of use, as the loop does it:
 
@@ -18,14 +18,13 @@ they give the same latents bit for bit on CPU.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,8 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sd_lora.atomic import atomic_write_bytes
-from sd_lora.training.config import UsageError
+from sd_lora.training.config import UsageError, valid_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference
@@ -49,7 +47,7 @@ Warn = Callable[[str], None]
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(valid_text(message), file=sys.stderr, flush=True)  # file names may hold bytes that are not UTF-8
 
 
 @dataclass(frozen=True)
@@ -67,13 +65,16 @@ class ImageRecord:
 # Discovery and captions
 
 
-def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None,
-                warn: Warn | None = _stderr) -> list[ImageRecord]:
+def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None, warn: Warn | None = _stderr,
+                *, exclude: Sequence[str | os.PathLike] = ()) -> list[ImageRecord]:
     """Every usable image under `folder`, sorted by relative path, with its caption.
 
     Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped
     with one warning line each and a summary line. Hidden files and folders (".name") are ignored silently: they hold
-    editor and OS clutter, and our own temporary files. Raises DatasetError when nothing usable is left.
+    editor and OS clutter, and our own temporary files. So are the contents of the `exclude` folders (the run's
+    output, cache and class-image folders) when they lie inside `folder`: their previews, samples and checkpoints
+    are not training data. An excluded folder that does not exist yet, or that is `folder` itself or holds it,
+    changes nothing. Raises DatasetError when nothing usable is left.
     """
     root = Path(folder).expanduser()
     if not root.exists():
@@ -81,8 +82,12 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     warn = warn or (lambda message: None)
-    files = _walk(root)
+    files = _walk(root, _inside(root, exclude))
     image_stems = {f.with_suffix("") for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
+    sidecars: dict[Path, list[Path]] = {}
+    for f in files:
+        if f.suffix.lower() in CAPTION_EXTENSIONS:
+            sidecars.setdefault(f.with_suffix(""), []).append(f)
     records, problems = [], Counter()
     for path in files:
         suffix = path.suffix.lower()
@@ -97,7 +102,8 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
             problem, detail, size = _probe(path)
             if problem is None:
                 try:
-                    records.append(ImageRecord(path, read_caption(path, caption, token), size))
+                    text = _caption(sidecars.get(path.with_suffix(""), []), caption, token)
+                    records.append(ImageRecord(path, text, size))
                     continue
                 except OSError as e:  # training it under the default prompt instead would be silently wrong
                     problem, detail = "unreadable caption", f"{Path(e.filename).name}: {e.strerror}"
@@ -115,10 +121,20 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     return records
 
 
-def _walk(root: Path) -> list[Path]:
+def _inside(root: Path, folders: Sequence[str | os.PathLike]) -> set[Path]:
+    """The resolved `folders` that lie strictly inside `root`: excluding root or a parent of it excludes nothing."""
+    top = root.resolve()
+    resolved = (Path(f).expanduser().resolve() for f in folders)
+    return {f for f in resolved if top in f.parents}
+
+
+def _walk(root: Path, skip: Collection[Path] = ()) -> list[Path]:
+    """Files under root, sorted by relative path; hidden files and folders, and the resolved folders in `skip`, left
+    out."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not (skip and (Path(dirpath) / d).resolve() in skip))
         found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
@@ -146,22 +162,39 @@ def _one_line(e: Exception) -> str:
 
 
 def read_caption(image_path: str | os.PathLike, default: str, token: str | None = None) -> str:
-    """The caption for an image: its `name.txt` or `name.caption` sidecar, else `default`; the trigger token is
-    prepended when the caption lacks it. Whitespace (newlines included) collapses to single spaces. A sidecar that
-    cannot be read raises OSError with its path as `filename`."""
+    """The caption for an image: its `name.txt` or `name.caption` sidecar (the extension in any case, as `name.TXT`),
+    else `default`; the trigger token is prepended when the caption lacks it. Whitespace (newlines included)
+    collapses to single spaces, and a leading byte-order mark (as Notepad writes) is dropped. A sidecar that cannot
+    be read raises OSError with its path as `filename`."""
     path = Path(image_path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        names = []
+    candidates = [path.parent / n for n in names if Path(n).stem == path.stem
+                  and Path(n).suffix.lower() in CAPTION_EXTENSIONS]
+    return _caption(candidates, default, token)
+
+
+def _caption(candidates: Sequence[Path], default: str, token: str | None) -> str:
+    """read_caption given the image's sidecars: the first non-empty one in preference order (.txt before .caption;
+    among case variants of one extension, the lower-case one, then the others sorted by name)."""
     caption = ""
-    for ext in CAPTION_EXTENSIONS:
-        sidecar = path.with_suffix(ext)
+    for sidecar in sorted(candidates, key=_sidecar_rank):
         if sidecar.is_file():
             try:
-                text = sidecar.read_text(encoding="utf-8", errors="replace")
+                text = sidecar.read_text(encoding="utf-8-sig", errors="replace")
             except OSError as e:
                 raise OSError(e.errno, e.strerror or type(e).__name__, str(sidecar)) from e
             caption = " ".join(text.split())
             if caption:
                 break
     return with_token(caption or " ".join(default.split()), token)
+
+
+def _sidecar_rank(sidecar: Path) -> tuple[int, bool, str]:
+    suffix = sidecar.suffix
+    return CAPTION_EXTENSIONS.index(suffix.lower()), suffix != suffix.lower(), sidecar.name
 
 
 def with_token(caption: str, token: str | None) -> str:
@@ -278,59 +311,6 @@ def pixels(record: ImageRecord, flip: bool = False) -> torch.Tensor:
     image = fit_to_bucket(load_image(record.path), record.bucket)
     tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     return tensor.flip(-1) if flip else tensor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prior preservation
-
-
-def class_image_seed(seed: int, index: int) -> int:
-    return seed + index
-
-
-def class_image_name(index: int) -> str:
-    return f"class-{index:05d}.png"
-
-
-def count_usable_images(folder: str | os.PathLike) -> int:
-    """How many usable images a folder holds (0 when it does not exist). Silent; scan_images reports problems."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        return 0
-    return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
-
-
-def generate_class_images(folder: str | os.PathLike, prompt: str, num_images: int, pipe, resolution: int,
-                          seed: int = 0, num_inference_steps: int = 30, guidance_scale: float = 7.5,
-                          progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Top the folder up to `num_images` usable images by generating `class-NNNNN.png` with `pipe`.
-
-    Image N always comes from seed `seed + N` and files are written one by one atomically, so an interrupted run
-    that is started again skips what exists and ends with the same files as an uninterrupted one. Returns the
-    files written by this call.
-    """
-    root = Path(folder).expanduser()
-    have = count_usable_images(root)
-    missing = max(0, num_images - have)
-    written: list[Path] = []
-    if not missing:
-        return written
-    root.mkdir(parents=True, exist_ok=True)
-    index = 0
-    while len(written) < missing:
-        path = root / class_image_name(index)
-        if not path.exists():
-            generator = torch.Generator("cpu").manual_seed(class_image_seed(seed, index))
-            image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, generator=generator, output_type="pil").images[0]
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            atomic_write_bytes(path, buffer.getvalue())
-            written.append(path)
-            if progress:
-                progress(len(written), missing)
-        index += 1
-    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
