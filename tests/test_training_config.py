@@ -60,6 +60,8 @@ def test_resolved_fills_derived_defaults(tmp_path):
     assert (c.token, c.name, c.prompt, c.alpha) == ("zqx", "zqx", "zqx painting", 1)
     assert c.class_images == str(tmp_path / "out" / "class_images") and c.prior_preservation
     assert TrainConfig(images=str(tmp_path / "My Art")).resolved().name == "My_Art"
+    assert TrainConfig(images=str(tmp_path / "style v1.5")).resolved().name == "style_v1.5"  # dots are fine
+    assert TrainConfig(images=str(tmp_path / "Run")).resolved().name == "Run_lora"  # not run.json's name
 
 
 BAD = [
@@ -95,6 +97,14 @@ BAD = [
     ({"class_images": "cls"}, "--class-images: needs --class-prompt"),
     ({"resume": "latest", "overwrite": True}, "--resume and --overwrite"),
     ({"sample_prompts": ("ok", "")}, "--sample-prompts"),
+    ({"lr": float("inf")}, "--lr: must be a finite number"),  # trained on, then overflowed the fp16 adapter
+    ({"te_lr": float("inf")}, "--te-lr: must be a finite number"),
+    ({"alpha": float("inf")}, "--alpha: must be a finite number"),
+    ({"noise_offset": float("inf")}, "--noise-offset: must be a finite number"),  # NaN loss, yet "done"
+    ({"prior_weight": float("nan")}, "--prior-weight: must be a finite number"),
+    ({"seed": 2**64}, "--seed: must be at most 4294967295"),  # torch's generators overflowed
+    ({"name": "run"}, "--name: is reserved: <output>/run.json"),  # the A1111 sidecar run.json replaced the run file
+    ({"name": ".."}, "--name: must not start with '.'"),
 ]
 
 

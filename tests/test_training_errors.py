@@ -6,8 +6,11 @@ cannot be fetched); and checkpoints left half-written by a kill are never resume
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,15 +64,72 @@ def test_a_folder_with_no_usable_image_stops_before_anything_loads_or_is_written
 def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, capsys, no_model):
     out = tmp_path / "out"
     checkpoint.write_run(config(images, out, rank=8).resolved())
+    (out / "inkwash.safetensors").write_bytes(b"its adapter")  # a finished run whose checkpoints were deleted
     code, err = _main(style_args(images, out, "--rank", "4"), capsys)
     assert code == 2
-    assert f"{out} holds a different run (--rank 8 there, 4 here)" in err and "--overwrite" in err
+    assert err.endswith(f"{out} holds a different run (--rank 8 there, 4 here); pass --overwrite to replace it, or "
+                        "choose another --output")  # no "--resume latest": there is nothing to resume
 
     (out / "checkpoints" / "step-4").mkdir(parents=True)
     (out / "checkpoints" / "step-4" / checkpoint.STATE_FILE).write_text("{}")
     checkpoint.write_run(config(images, out).resolved())
     code, err = _main(style_args(images, out, "--steps", "3", "--sample-every", "0", "--save-every", "0"), capsys)
     assert code == 2 and "already holds this run, with checkpoints up to step 4" in err
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_leaves_its_folder_free(images, tmp_path, capsys):
+    """Killed or failed early, a run leaves run.json, logs and samples but no checkpoint and no adapter. The next run
+    takes the folder over (it used to be refused as "a different run", with advice to resume it, which failed)."""
+    out = tmp_path / "out"
+    checkpoint.write_run(config(images, out, rank=8).resolved())
+    (out / "samples").mkdir()
+    (out / "samples" / "step-000008.png").write_bytes(b"from the dead run")
+    assert loop.train(config(images, out, rank=4, steps=2))["steps"] == 2
+    assert json.loads((out / checkpoint.RUN_FILE).read_text())["identity"]["rank"] == 4
+    assert not (out / "samples" / "step-000008.png").exists() and (out / "inkwash.safetensors").is_file()
+
+
+def test_a_diverged_run_stops_with_one_line_and_writes_no_adapter(images, tmp_path, capsys):
+    """At --lr 1e30 without clipping the LoRA weights pass fp16's range within a few steps: every NaN-free step
+    "succeeds", but the fp16 adapter would be full of Inf. The run stops at its first save, exit code 1."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(STYLE), *style_args(images, out, "--steps", "6", "--lr", "1e30",
+                                                                 "--max-grad-norm", "0", "--sample-every", "0")],
+                         check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert last.startswith("style.py: error: the LoRA weights reached ") and "beyond fp16's 65504 at step 6" in last
+    assert "lower --lr" in last
+    assert not list(out.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("flag,where,message", [
+    ("--output", "afile", "--output {}: is a file, not a folder"),
+    ("--output", "afile/sub", "--output {}: cannot be made: {} is a file, not a folder"),
+    ("--cache-dir", "afile", "--cache-dir {}: is a file, not a folder"),
+    ("--cache-dir", "/proc/sd-lora-cache", "--cache-dir {}: cannot write in /proc"),
+])
+def test_an_output_or_cache_folder_that_cannot_be_made_is_refused_first(images, tmp_path, capsys, no_model, flag,
+                                                                         where, message):
+    """These used to fail after the model loaded, with a traceback, leaving run.json behind."""
+    afile = tmp_path / "afile"
+    afile.write_text("a file")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    args = ["--output", str(tmp_path / "out"), flag, path] if flag != "--output" else ["--output", path]
+    before = sorted(tmp_path.rglob("*"))
+    code, err = _main(["--images", str(images), "--model", "tiny", *args], capsys)
+    assert code == 2 and err.startswith(f"style.py: error: {message.format(path, afile)}")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no probe left
+
+
+def test_a_folder_name_that_is_not_utf8_still_trains(tmp_path, capsys):
+    """Linux folder names are bytes. One that is not UTF-8 became a token the tokenizer rejected and a setting
+    TensorBoard could not write (two tracebacks); its odd byte now reads as U+FFFD."""
+    images = tmp_path / os.fsdecode(b"st\xffyle")
+    style_folder(tmp_path).rename(images)
+    result = loop.train(config(images, tmp_path / "out", steps=2, log_with="tensorboard"))
+    assert result["adapter"].name == "st_yle.safetensors"
+    assert "token 'st\ufffdyle'" in capsys.readouterr().out
 
 
 def test_resume_with_nothing_to_resume_is_refused(images, tmp_path, capsys, no_model):
@@ -136,6 +196,23 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_on_stderr(images, tmp_pa
                 "built-in model), a local diffusers folder or a .safetensors checkpoint")
     assert run.returncode == 2 and lines == [expected], run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_says_what_can_be_resumed_in_one_line(images, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(STYLE), *style_args(images, out, "--steps", "100000",
+                                                                     "--save-every", "3", "--sample-every", "0")],
+                            env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-3").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("style.py: interrupted; checkpoints up to step ") and "--resume latest" in last
+    step = int(last.split("up to step ")[1].split()[0])
+    assert step >= 3 and (out / "checkpoints" / f"step-{step}" / checkpoint.STATE_FILE).is_file()
 
 
 def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):

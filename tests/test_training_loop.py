@@ -151,6 +151,22 @@ def test_accelerate_launch_multi_gpu_trains_in_two_processes_and_resumes_exactly
     assert same_tensors(tensors(out / "inkwash.safetensors"), tensors(resumed / "inkwash.safetensors"))
 
 
+def test_an_output_folder_inside_the_images_folder_is_not_trained_on(images, tmp_path, capsys):
+    """--output inside --images: a resumed run used to scan the preview, samples, loss plot and checkpoints as
+    training data (and warn about each). The name has dots, as shared files' names often do ("v1.5")."""
+    out = images / "lora"
+    loop.train(config(images, out, steps=2, save_every=2, sample_every=1, name="inkwash.v1.5"))
+    first = capsys.readouterr()
+    result = loop.train(config(images, out, steps=4, save_every=2, sample_every=1, name="inkwash.v1.5",
+                               resume="latest"))
+    again = capsys.readouterr()
+    rows = [next(line for line in o.out.splitlines() if line.strip().startswith("images ")) for o in (first, again)]
+    assert rows[0] == rows[1] and rows[0].split()[1] == "4"
+    assert "lora" not in again.err.replace(str(images), "")  # no warning about anything the run wrote
+    assert result["adapter"] == out / "inkwash.v1.5.safetensors" and result["steps"] == 4
+    assert_diffusers_applies(result["adapter"])
+
+
 def test_the_loss_falls_over_the_run(images, tmp_path):
     result = loop.train(config(images, tmp_path / "out", steps=60, lr=3e-3, te_lr=1e-3))
     losses = result["losses"]

@@ -125,10 +125,12 @@ def test_resume_from_a_checkpoint_path_into_another_folder_ends_where_the_run_di
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
 
 
-def test_no_text_encoder_and_no_dataset_metadata(tmp_path):
+def test_no_text_encoder_and_no_dataset_metadata(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "out"
     loop.train(train_config(style_folder(tmp_path), out, steps=2, text_encoder=False, dataset_metadata=False))
+    optimizer = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("optimizer"))
+    assert "lr 0.001 UNet, constant" in optimizer and "text encoder" not in optimizer
     md, keys = metadata(out / "inkwash.safetensors")
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert "ss_tag_frequency" not in md and "ss_dataset_dirs" not in md

@@ -3,7 +3,8 @@
     accelerate launch train/style.py --images ./mozart_art --rank 4
 
 Thin on purpose: flags -> sd_lora.training.TrainConfig -> sd_lora.training.train. Bad flags and bad input get one
-line on stderr and exit code 2; a run that cannot go on (the loss stayed NaN) gets one line and exit code 1.
+line on stderr and exit code 2; a run that cannot go on (the loss stayed NaN) gets one line and exit code 1; Ctrl-C
+gets one line saying what can be resumed, and exit code 130.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args
+from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args, valid_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,18 +31,33 @@ def parse(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    config = None
     try:
         config = parse(argv)
         from sd_lora.training import train
 
         train(config)
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are whole (written atomically), so say how to go on
+        print(_interrupted(config), file=sys.stderr)
+        return 130
     except UsageError as e:
-        print(f"style.py: error: {e}", file=sys.stderr)
+        print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
         return 2
     except TrainingError as e:  # e.g. the loss stayed NaN: not the user's flags, but still one line
-        print(f"style.py: error: {e}", file=sys.stderr)
+        print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(config) -> str:
+    from sd_lora.training.checkpoint import checkpoints
+
+    saved = checkpoints(config.resolved().output) if config is not None else []
+    if not saved:
+        return "style.py: interrupted before the first checkpoint; nothing to resume"
+    step, folder = saved[-1]
+    return valid_text(f"style.py: interrupted; checkpoints up to step {step} ({folder}) are kept: run the same "
+                      "command with --resume latest to continue")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sd_lora.training.config import TrainConfig, UsageError
+from sd_lora.training.config import RESERVED_NAME, TrainConfig, UsageError
 
-RUN_FILE = "run.json"
+RUN_FILE = f"{RESERVED_NAME}.json"  # not an adapter name: <name>.json is its A1111 sidecar
 STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; human-readable step and loss
 _STEP_DIR = re.compile(r"step-(\d+)")
 # The settings that decide what a run produces. Two runs that agree on all of them are the same run.
@@ -59,16 +59,37 @@ def check_output(cfg: TrainConfig) -> Path | None:
         if previous is not None:
             _check_same_run(cfg, previous, where=str(output))
         return found
-    if previous is None or cfg.overwrite:
+    if previous is None or cfg.overwrite or abandoned(output):
         return None
     if previous.get("identity") != identity(cfg):
         field = _first_difference(identity(cfg), previous.get("identity") or {})
-        raise UsageError(f"{output} holds a different run ({field}); pass --resume latest to continue that run, "
-                         "--overwrite to replace it, or choose another --output")
+        resume = "--resume latest to continue that run, " if checkpoints(output) else ""
+        raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
+                         "choose another --output")
     if checkpoints(output):
         raise UsageError(f"{output} already holds this run, with checkpoints up to step {checkpoints(output)[-1][0]};"
                          " pass --resume latest to continue it or --overwrite to start over")
     return None
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """Before anything loads: the folders the run writes (--output, --cache-dir, the class-images folder) can be
+    made and written. A probe folder is created in the deepest existing parent and removed again."""
+    import tempfile
+
+    for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
+                         ("--class-images", cfg.class_images)):
+        if not folder:
+            continue
+        path = Path(folder).expanduser()
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+            raise UsageError(f"{flag} {folder}: {where}, not a folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sd-lora-probe-", dir=existing))
+        except OSError as e:
+            raise UsageError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict | None, where: str) -> None:
@@ -86,6 +107,16 @@ def _first_difference(ours: dict, theirs: dict) -> str:
         if value != theirs.get(key):
             return f"--{key.replace('_', '-')} {theirs.get(key)!r} there, {value!r} here"
     return "its settings differ"
+
+
+def abandoned(output: Path) -> bool:
+    """The folder holds a run that stopped before its first checkpoint (killed, or failed early): nothing in it is
+    worth keeping, so a new run may take it over without --overwrite."""
+    previous = _read_json(output / RUN_FILE)
+    if previous is None or checkpoints(output):
+        return False
+    name = (previous.get("identity") or {}).get("name") or ""
+    return not (name and (output / f"{name}.safetensors").exists())
 
 
 def clear_previous_run(output: Path) -> None:

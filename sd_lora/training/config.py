@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ DEFAULT_PROMPT = "an image in the style of {token}"
 # score reached 0.09 at 1e-4/5e-5 and 0.75 at 1e-3/1e-3 (bench/RESULTS.md, "style"), so --model tiny defaults to that.
 DEFAULT_LR = {"unet": 1e-4, "text_encoder": 5e-5}
 TINY_LR = {"unet": 1e-3, "text_encoder": 1e-3}
+MAX_SEED = 2**32 - 1
+RESERVED_NAME = "run"  # <output>/run.json (checkpoint.RUN_FILE) sits next to the adapter's <name>.json sidecar
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
 
 CHOICES = {
@@ -122,6 +125,11 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)}: unknown value {value!r} (choose from {', '.join(choices)})")
         if not str(self.images).strip():
             raise ConfigError("--images: a folder of training images is required")
+        for f in dataclasses.fields(self):  # inf overflows the fp16 adapter; nan would pass a `not < 0` test
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _require(self, f.name, math.isfinite(value), "must be a finite number")
+        _require(self, "seed", self.seed <= MAX_SEED, f"must be at most {MAX_SEED}")
         for name in ("rank", "steps", "batch_size", "grad_accum", "num_class_images", "keep_checkpoints"):
             _require(self, name, getattr(self, name) > 0, "must be a positive integer")
         for name in ("warmup_steps", "sample_every", "save_every", "seed", "noise_offset", "prior_weight",
@@ -139,6 +147,9 @@ class TrainConfig:
         if self.name is not None:
             _require(self, "name", not any(c in self.name for c in '/\\:*?"<>|'),
                      "must be usable as a file name (no / \\ : * ? \" < > |)")
+            _require(self, "name", not self.name.startswith("."), "must not start with '.' (a hidden file)")
+            _require(self, "name", self.name.lower() != RESERVED_NAME,
+                     f"is reserved: <output>/{RESERVED_NAME}.json records the run's settings")
         if self.sample_prompts is not None:
             _require(self, "sample_prompts", all(p.strip() for p in self.sample_prompts),
                      "must not contain an empty prompt")
@@ -155,15 +166,16 @@ class TrainConfig:
         class images, sample prompts. Resolution and mixed precision stay as given (they depend on the model and
         device)."""
         self.validate()
-        token = (self.token or Path(self.images).expanduser().resolve().name).strip()
+        token = valid_text(self.token or Path(self.images).expanduser().resolve().name).strip()
         name = self.name or _safe_name(token)
         output = self.output or str(Path("output") / name)
-        prompts = self.sample_prompts or DEFAULT_SAMPLE_PROMPTS
+        prompts = tuple(valid_text(p) for p in self.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
         rates = TINY_LR if self.model == "tiny" else DEFAULT_LR
         return dataclasses.replace(
             self,
             token=token,
-            prompt=(self.prompt or DEFAULT_PROMPT).replace("{token}", token),
+            prompt=valid_text(self.prompt or DEFAULT_PROMPT).replace("{token}", token),
+            class_prompt=None if self.class_prompt is None else valid_text(self.class_prompt),
             alpha=float(self.rank) if self.alpha is None else self.alpha,
             lr=self.lr if self.lr is not None else rates["unet"],
             te_lr=self.te_lr if self.te_lr is not None else rates["text_encoder"],
@@ -187,10 +199,16 @@ def _require(config: TrainConfig, name: str, ok: bool, problem: str) -> None:
         raise ConfigError(f"{_flag(name)}: {problem} (got {getattr(config, name)!r})")
 
 
+def valid_text(value: str) -> str:
+    """Valid text from a folder name or a flag: bytes that are not UTF-8 reach Python as surrogates, which the
+    tokenizer and TensorBoard reject; they become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _safe_name(token: str) -> str:
     """A file-name-safe adapter name from a token (folder names may hold spaces or separators)."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in token).strip("._")
-    return cleaned or "lora"
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in token).strip("._") or "lora"
+    return f"{cleaned}_lora" if cleaned.lower() == RESERVED_NAME else cleaned
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -49,8 +49,10 @@ def train(config: TrainConfig, pipe=None) -> dict:
     prepare.check_extras(cfg)
     main = os.environ.get("RANK", "0") == "0"
     records = scan_images(cfg.images, caption=cfg.prompt, token=cfg.token,  # before any model loads
+                          exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p],  # what we write
                           **({} if main else {"warn": None}))
     resume_from = checkpoint.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
+    checkpoint.check_writable(cfg)
     pipe = pipe or prepare.load_model(cfg.model)
     accelerator = prepare.make_accelerator(cfg, notice=main)
     on_cpu = accelerator.device.type == "cpu"
@@ -79,7 +81,7 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
     pipe.to(dtype=prepare.weight_dtype(accelerator))  # frozen weights: fp16/bf16 when mixed, else fp32 (LoRA: fp32)
     class_records = prepare.class_images(cfg, pipe, resolution, accelerator) if cfg.prior_preservation else []
     if main:
-        if cfg.overwrite:
+        if cfg.overwrite or checkpoint.abandoned(out):  # a run killed before its first checkpoint left nothing
             checkpoint.clear_previous_run(out)
         checkpoint.remove_stale(out)
         checkpoint.write_run(cfg, started=started)
@@ -88,25 +90,24 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
         checkpoint.load(accelerator, resume_from)
         trainer.restart_batches()
     first = trainer.state.step
-    accelerator.init_trackers("sd-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                 for k, v in checkpoint.identity(cfg).items()})
+    accelerator.init_trackers("sd-lora", config={k: _loggable(v) for k, v in checkpoint.identity(cfg).items()})
     if main:
         print(report.screen("sd-lora: training a style LoRA", trainer.start_rows(resume_from)), flush=True)
         prepare.warn_long_captions(pipe.tokenizer, [r.caption for r in records + class_records])
     bar, step_seconds = prepare.progress_bar(trainer.total_steps, first, disable=not main), 0.0
-    while trainer.state.step < trainer.total_steps:
-        tick = time.perf_counter()
-        loss = trainer.step()
-        step_seconds += time.perf_counter() - tick
-        step, lr = trainer.state.step, trainer.lr_scheduler.get_last_lr()[0]
-        accelerator.log({"loss": loss, "lr": lr} if loss is not None else {"lr": lr}, step=step)
-        bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < trainer.total_steps:
-            trainer.save_samples()
-        if cfg.save_every and step % cfg.save_every == 0 and step < trainer.total_steps:
-            trainer.save_checkpoint(started)
-    bar.close()
+    with bar:  # closed on Ctrl-C or an error too, so what is printed next starts on a line of its own
+        while trainer.state.step < trainer.total_steps:
+            tick = time.perf_counter()
+            loss = trainer.step()
+            step_seconds += time.perf_counter() - tick
+            step, lr = trainer.state.step, trainer.lr_scheduler.get_last_lr()[0]
+            accelerator.log({"loss": loss, "lr": lr} if loss is not None else {"lr": lr}, step=step)
+            bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < trainer.total_steps:
+                trainer.save_samples()
+            if cfg.save_every and step % cfg.save_every == 0 and step < trainer.total_steps:
+                trainer.save_checkpoint(started)
     preview = trainer.save_samples()
     trainer.save_checkpoint(started)
     adapter = out / f"{cfg.name}.safetensors"
@@ -285,6 +286,7 @@ class Trainer:
     def save_samples(self):
         """Images for the sample prompts (seeds seed, seed+1, ...) as a grid under <output>/samples and in
         TensorBoard. The UNet runs as it trains (frozen low-precision weights, fp32 LoRA): nothing is cast."""
+        self.check_weights()  # a diverged run stops here, before it draws NaN images
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -309,8 +311,18 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return images[0]
 
+    def check_weights(self) -> None:
+        """Raise TrainingError if the LoRA weights cannot make a usable fp16 adapter (NaN/Inf, or beyond fp16's range:
+        a diverged run). Every process holds the same weights, so all raise together, before any collective save."""
+        peak = max(float(p.detach().abs().max()) for p in self.params)
+        if not math.isfinite(peak) or peak > torch.finfo(torch.float16).max:
+            problem = "hold NaN or Inf" if not math.isfinite(peak) else f"reached {peak:.3g}, beyond fp16's 65504"
+            raise TrainingError(f"the LoRA weights {problem} at step {self.state.step}: the run diverged and its "
+                                "adapter would be unusable; lower --lr and keep --max-grad-norm on")
+
     def save_checkpoint(self, started: float) -> None:
         """The accelerate state and the adapter so far; `started`: when this run (this process) started."""
+        self.check_weights()
         step, name = self.state.step, self.cfg.name
         checkpoint.save(self.accelerator, self.cfg.output, step, self.cfg.keep_checkpoints,
                         lambda folder: self._save_adapter(folder / f"{name}.safetensors", started),
@@ -363,6 +375,14 @@ class Trainer:
             trainable=sum(p.numel() for p in self.params), precision=prepare.precision_text(self.accelerator),
             device=str(self.device), frozen_bytes=frozen, caching=f"{latents}; {text}",
             resume=str(resume_from) if resume_from else None)
+
+
+def _loggable(value):
+    """A run setting as trackers take it: numbers and booleans as they are, anything else as valid UTF-8 text (a
+    folder name with bytes that are not UTF-8 holds surrogates, which TensorBoard's writer cannot encode)."""
+    if isinstance(value, (int, float, bool)):
+        return value
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def diffusion_loss(unet, scheduler, latents, cond, generator, min_snr_gamma=None, noise_offset=0.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from sd_lora.training.config import TrainConfig
+from sd_lora.training.config import TrainConfig, valid_text
 
 # ---------------------------------------------------------------------------------------------------------------
 # Screens
@@ -24,7 +24,8 @@ from sd_lora.training.config import TrainConfig
 def screen(title: str, rows: Sequence[tuple[str, str]]) -> str:
     """A titled block of aligned 'label  value' rows."""
     width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join([title, *(f"  {label.ljust(width)}  {value}" for label, value in rows)])
+    text = "\n".join([title, *(f"  {label.ljust(width)}  {value}" for label, value in rows)])
+    return valid_text(text)  # paths may hold bytes that are not UTF-8: printing them would raise
 
 
 COMPILE_NOTE = "; torch.compile: the first step of each bucket compiles"
@@ -36,6 +37,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
     buckets_text = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in buckets.items())
     per_step = cfg.batch_size * cfg.grad_accum * processes
     te = f" + {modules['text_encoder']} text-encoder" if modules.get("text_encoder") else ""
+    te_lr = f" / {cfg.te_lr:g} text encoder" if modules.get("text_encoder") else ""
     rows = [
         ("model", f"{cfg.model}  ({device}, {precision}{COMPILE_NOTE if cfg.compile else ''})"),
         ("images", (f"{images} in {cfg.images}; {_count(len(buckets), 'bucket')}: "
@@ -48,7 +50,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
                     f"modules, {trainable:,} trainable parameters (fp32)")),
         ("steps", (f"{steps} × {_count(per_step, 'image')} (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × "
                   f"{_count(processes, 'process', 'processes')}) = {epochs:.3g} epoch{'' if epochs == 1 else 's'}")),
-        ("optimizer", (f"{cfg.optimizer}, lr {cfg.lr:g} UNet / {cfg.te_lr:g} text encoder, {cfg.lr_scheduler} "
+        ("optimizer", (f"{cfg.optimizer}, lr {cfg.lr:g} UNet{te_lr}, {cfg.lr_scheduler} "
                       f"after {cfg.warmup_steps} warmup steps, max-grad-norm {cfg.max_grad_norm:g}")),
         ("loss", ", ".join(filter(None, [f"min-SNR γ {cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "",
                                          f"noise offset {cfg.noise_offset:g}" if cfg.noise_offset else "",
