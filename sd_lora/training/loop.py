@@ -35,7 +35,7 @@ from sd_lora.training.caches import (
     sample_latents,
     tokenize,
 )
-from sd_lora.training.config import TrainConfig, TrainingError, UsageError
+from sd_lora.training.config import TrainConfig, TrainingError, UsageError, valid_text
 from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
 
 NAN_LIMIT = 10  # this many NaN/Inf steps in a row stop the run
@@ -314,7 +314,7 @@ class Trainer:
     def check_weights(self) -> None:
         """Raise TrainingError if the LoRA weights cannot make a usable fp16 adapter (NaN/Inf, or beyond fp16's range:
         a diverged run). Every process holds the same weights, so all raise together, before any collective save."""
-        peak = max(float(p.detach().abs().max()) for p in self.params)
+        peak = float(torch.stack([p.detach().abs().max() for p in self.params]).max())  # one device sync
         if not math.isfinite(peak) or peak > torch.finfo(torch.float16).max:
             problem = "hold NaN or Inf" if not math.isfinite(peak) else f"reached {peak:.3g}, beyond fp16's 65504"
             raise TrainingError(f"the LoRA weights {problem} at step {self.state.step}: the run diverged and its "
@@ -380,9 +380,7 @@ class Trainer:
 def _loggable(value):
     """A run setting as trackers take it: numbers and booleans as they are, anything else as valid UTF-8 text (a
     folder name with bytes that are not UTF-8 holds surrogates, which TensorBoard's writer cannot encode)."""
-    if isinstance(value, (int, float, bool)):
-        return value
-    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value if isinstance(value, (int, float, bool)) else valid_text(str(value))
 
 
 def diffusion_loss(unet, scheduler, latents, cond, generator, min_snr_gamma=None, noise_offset=0.0) -> torch.Tensor:
