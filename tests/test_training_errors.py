@@ -150,6 +150,20 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
     assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.001 here)" in err
 
 
+@pytest.mark.parametrize("steps", ["4", "3"])
+def test_resume_with_nothing_left_to_train_is_refused(images, tmp_path, capsys, no_model, steps):
+    """It used to "finish" at once, re-save the step-4 adapter as the result and record --steps 3 as the run's."""
+    out = tmp_path / "out"
+    folder = out / "checkpoints" / "step-4"
+    folder.mkdir(parents=True)
+    (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": 4}))
+    (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
+        config(images, out).resolved())}))
+    code, err = _main(style_args(images, out, "--resume", "latest", "--steps", steps), capsys)
+    assert code == 2 and err.endswith(f"is at step 4, and --steps {steps} leaves nothing to train; pass --steps "
+                                      "above 4 to train on")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs"),
     (["--attention", "xformers"], "--attention xformers"),

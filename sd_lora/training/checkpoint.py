@@ -58,6 +58,10 @@ def check_output(cfg: TrainConfig) -> Path | None:
         _check_same_run(cfg, _read_json(found / RUN_FILE), where=str(found))
         if previous is not None:
             _check_same_run(cfg, previous, where=str(output))
+        step = (_read_json(found / STATE_FILE) or {}).get("step")
+        if cfg.epochs is None and isinstance(step, int) and step >= cfg.steps:
+            raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
+                             f"pass --steps above {step} to train on")
         return found
     if previous is None or cfg.overwrite or abandoned(output):
         return None
