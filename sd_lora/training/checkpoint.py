@@ -77,8 +77,8 @@ def check_output(cfg: TrainConfig) -> Path | None:
 
 
 def check_writable(cfg: TrainConfig) -> None:
-    """Before anything loads: the folders the run writes (--output, --cache-dir, the class-images folder) can be
-    made and written. A probe folder is created in the deepest existing parent and removed again."""
+    """Before anything loads: the folders the run writes (--output, --cache-dir, a class-images folder still to be
+    made) can be made and written. A probe folder is created in the deepest existing parent and removed again."""
     import tempfile
 
     for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
@@ -90,6 +90,8 @@ def check_writable(cfg: TrainConfig) -> None:
         if not existing.is_dir():
             where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
             raise UsageError(f"{flag} {folder}: {where}, not a folder")
+        if flag == "--class-images" and existing == path:
+            continue  # a full class-image folder is only read: it may be read-only
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".sd-lora-probe-", dir=existing))
         except OSError as e:
