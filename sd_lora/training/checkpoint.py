@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def check_output(cfg: TrainConfig) -> Path | None:
 def check_writable(cfg: TrainConfig) -> None:
     """Before anything loads: the folders the run writes (--output, --cache-dir, a class-images folder still to be
     made) can be made and written. A probe folder is created in the deepest existing parent and removed again."""
-    import tempfile
-
     for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
                          ("--class-images", cfg.class_images)):
         if not folder:

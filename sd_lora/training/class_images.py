@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.atomic import atomic_write_bytes
-from sd_lora.training.data import IMAGE_EXTENSIONS, _probe, _walk
+from sd_lora.training.data import count_usable_images
 
 
 def class_image_seed(seed: int, index: int) -> int:
@@ -20,14 +20,6 @@ def class_image_seed(seed: int, index: int) -> int:
 
 def class_image_name(index: int) -> str:
     return f"class-{index:05d}.png"
-
-
-def count_usable_images(folder: str | os.PathLike) -> int:
-    """How many usable images a folder holds (0 when it does not exist). Silent; scan_images reports problems."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        return 0
-    return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
 
 
 def generate_class_images(folder: str | os.PathLike, prompt: str, num_images: int, pipe, resolution: int,

@@ -121,6 +121,14 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     return records
 
 
+def count_usable_images(folder: str | os.PathLike) -> int:
+    """How many usable images a folder holds (0 when it does not exist). Silent; scan_images reports problems."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return 0
+    return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
+
+
 def _inside(root: Path, folders: Sequence[str | os.PathLike]) -> set[Path]:
     """The resolved `folders` that lie strictly inside `root`: excluding root or a parent of it excludes nothing."""
     top = root.resolve()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.training.class_images import count_usable_images, generate_class_images
+from sd_lora.training.class_images import generate_class_images
 from sd_lora.training.config import TrainConfig, UsageError
-from sd_lora.training.data import assign_buckets, scan_images
+from sd_lora.training.data import assign_buckets, count_usable_images, scan_images
 
 WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' LoRA scripts use
 
