@@ -17,8 +17,10 @@ from sd_lora.training.class_images import generate_class_images
 from sd_lora.training.data import (
     BucketSampler,
     DatasetError,
+    ImageRecord,
     assign_buckets,
     bucket_counts,
+    count_usable_images,
     load_image,
     make_buckets,
     nearest_bucket,
@@ -235,6 +237,9 @@ def test_sampler_batches_come_from_one_bucket_and_are_reproducible():
     shards = [BucketSampler(buckets, 2, seed=7, rank=r, world_size=2).iterate() for r in range(2)]
     interleaved = [next(shards[k % 2]) for k in range(20)]
     assert interleaved == first
+    # a resume counts global batches: three processes go on after the 7 that two trained on, none twice
+    shards = [BucketSampler(buckets, 2, seed=7, rank=r, world_size=3).iterate(start=7) for r in range(3)]
+    assert [next(shards[k % 3]) for k in range(12)] == first[7:19]
 
 
 @pytest.fixture(scope="module")
@@ -398,3 +403,95 @@ def test_excluded_folders_inside_the_images_folder_are_skipped_silently(tmp_path
     only_samples = scan_images(nest, caption=PROMPT, warn=None, exclude=[nest / "x" / ".." / "lora" / "samples"])
     assert sorted(r.path.name for r in only_samples) == ["a.png", "b.jpg", "class-00000.png", "loss.png",
                                                          "preview.png"]
+
+
+def test_symlinked_folders_are_followed_and_each_real_folder_is_read_once(tmp_path):
+    """`ln -s ~/photos/set1 mozart_art/set1` trains on set1, under the path seen in the images folder. A link to an
+    ancestor, a second link to one folder, or a link to an excluded or hidden folder adds nothing; a folder under
+    the images folder is read through its own path even when a link to it sorts first. Links to files count, and a
+    broken one gets one warning line."""
+    photos, root = tmp_path / "photos", tmp_path / "mozart_art"
+    (photos / "set1" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photos / "set1" / "a.png")
+    (photos / "set1" / "a.txt").write_text("from the linked folder")
+    Image.new("RGB", (8, 8)).save(photos / "set1" / "sub" / "b.png")
+    (photos / "set1" / "sub" / "up").symlink_to(photos / "set1")  # a cycle outside the images folder
+    Image.new("RGB", (8, 8)).save(photos / "c.png")
+    (root / "real" / "loop").mkdir(parents=True)
+    (root / "lora").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "own.png")
+    Image.new("RGB", (8, 8)).save(root / "real" / "r.png")
+    Image.new("RGB", (8, 8)).save(root / "lora" / "preview.png")
+    (root / "set1").symlink_to(photos / "set1")
+    (root / "z_set1_again").symlink_to(photos / "set1")
+    (root / ".hidden_set1").symlink_to(photos / "set1")
+    (root / "a_real_alias").symlink_to(root / "real")
+    (root / "real" / "loop" / "top").symlink_to(root)
+    (root / "lora_link").symlink_to(root / "lora")
+    (root / "linked.png").symlink_to(photos / "c.png")
+    (root / "gone.png").symlink_to(photos / "missing.png")
+    lines = []
+    records = scan_images(root, caption=PROMPT, warn=lines.append, exclude=[root / "lora"])
+    assert [r.path.relative_to(root).as_posix() for r in records] == [
+        "linked.png", "own.png", "real/r.png", "set1/a.png", "set1/sub/b.png"]
+    assert records[3].path == root / "set1" / "a.png" and records[3].caption == "from the linked folder"
+    assert lines == ["warning: skipped gone.png: unreadable (a broken symlink)",
+                     "warning: skipped 1 of 6 files (1 unreadable); using 5 images"]
+    assert count_usable_images(root) == 6  # no exclude here: lora/preview.png counts, once
+
+
+def test_full_image_name_sidecars_caption_their_image(tmp_path):
+    """Some captioning tools write x.png.txt; it captions x.png (name.txt still wins) instead of being reported as
+    a caption file with no image."""
+    for name in ("x.png", "y.png", "z.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "x.png.txt").write_text("a cat")
+    (tmp_path / "y.png.txt").write_text("the long name")
+    (tmp_path / "y.txt").write_text("the short name")
+    (tmp_path / "z.jpg.CAPTION").write_text("a dog")
+    (tmp_path / "w.png.txt").write_text("no image of this name")
+    lines = []
+    records = scan_images(tmp_path, caption=PROMPT, warn=lines.append)
+    assert {r.path.name: r.caption for r in records} == {"x.png": "a cat", "y.png": "the short name",
+                                                         "z.jpg": "a dog"}
+    assert lines == ["warning: skipped w.png.txt: not an image (a caption file with no image named w.png.*)",
+                     "warning: skipped 1 of 4 files (1 not an image); using 3 images"]
+    assert read_caption(tmp_path / "x.png", PROMPT) == "a cat"
+    assert read_caption(tmp_path / "y.png", PROMPT) == "the short name"
+    (tmp_path / "y.txt").write_text(" \n")  # an empty name.txt falls through to the long name
+    assert read_caption(tmp_path / "y.png", PROMPT) == "the long name"
+
+
+def test_a_caption_that_is_not_utf8_is_used_with_one_warning(tmp_path):
+    """A Latin-1 café: trained on as caf\ufffd rather than skipped, but the user hears of it once."""
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "a.png")
+    (tmp_path / "sub" / "a.txt").write_bytes("a café".encode("latin-1"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "b.png.txt").write_bytes(b"\xef\xbb\xbfa \xff\xfe dog")
+    lines = []
+    records = scan_images(tmp_path, caption=PROMPT, token="mozart", warn=lines.append)
+    assert [r.caption for r in records] == ["mozart, a \ufffd\ufffd dog", "mozart, a caf\ufffd"]
+    assert lines == ["warning: b.png.txt: not UTF-8; 2 bytes replaced with U+FFFD (save it as UTF-8)",
+                     "warning: sub/a.txt: not UTF-8; 1 byte replaced with U+FFFD (save it as UTF-8)"]
+    lines.clear()
+    assert read_caption(tmp_path / "sub" / "a.png", PROMPT) == "a caf\ufffd"  # silent by default
+    assert read_caption(tmp_path / "sub" / "a.png", PROMPT, warn=lines.append) == "a caf\ufffd"
+    sidecar = tmp_path / "sub" / "a.txt"  # read_caption names it in full
+    assert lines == [f"warning: {sidecar}: not UTF-8; 1 byte replaced with U+FFFD (save it as UTF-8)"]
+
+
+def test_records_remember_the_caption_file_they_used(messy, tmp_path):
+    records = assign_buckets(scan_images(messy, caption=PROMPT, token="mozart", warn=None), 64)
+    sidecars = {r.path.name: r.sidecar for r in records}
+    assert sidecars["a.png"] == messy / "a.txt" and sidecars["b.JPG"] == messy / "b.caption"
+    assert sidecars["c.PNG"] is None and sum(s is not None for s in sidecars.values()) == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "x.png")
+    (other / "x.txt").write_text("  \n")  # empty: not the one used
+    (other / "x.caption").write_text("from the caption file")
+    Image.new("RGB", (8, 8)).save(other / "y.png")
+    (other / "y.txt").write_text("")
+    assert [r.sidecar for r in scan_images(other, caption=PROMPT, warn=None)] == [other / "x.caption", None]
+    assert ImageRecord(messy / "a.png", "a", (8, 8), (8, 8)).sidecar is None  # positional fields as before

@@ -53,12 +53,14 @@ def _stderr(message: str) -> None:
 @dataclass(frozen=True)
 class ImageRecord:
     """One usable training image. `size` is (width, height) after EXIF orientation; `bucket` is (width, height)
-    of the training crop, None until assign_buckets runs."""
+    of the training crop, None until assign_buckets runs; `sidecar` is the caption file the caption came from, None
+    when it is the default prompt."""
 
     path: Path
     caption: str
     size: tuple[int, int]
     bucket: tuple[int, int] | None = None
+    sidecar: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,14 +69,16 @@ class ImageRecord:
 
 def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None, warn: Warn | None = _stderr,
                 *, exclude: Sequence[str | os.PathLike] = ()) -> list[ImageRecord]:
-    """Every usable image under `folder`, sorted by relative path, with its caption.
+    """Every usable image under `folder`, sorted by relative path, with its caption (see read_caption). Symlinked
+    files and folders count as if they were there; each real folder is read once (see _walk).
 
     Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped
     with one warning line each and a summary line. Hidden files and folders (".name") are ignored silently: they hold
     editor and OS clutter, and our own temporary files. So are the contents of the `exclude` folders (the run's
     output, cache and class-image folders) when they lie inside `folder`: their previews, samples and checkpoints
     are not training data. An excluded folder that does not exist yet, or that is `folder` itself or holds it,
-    changes nothing. Raises DatasetError when nothing usable is left.
+    changes nothing. A caption that is not UTF-8 is used with its bad bytes as U+FFFD, and one warning line.
+    Raises DatasetError when nothing usable is left.
     """
     root = Path(folder).expanduser()
     if not root.exists():
@@ -83,7 +87,8 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
         raise DatasetError(f"{root}: not a folder")
     warn = warn or (lambda message: None)
     files = _walk(root, _inside(root, exclude))
-    image_stems = {f.with_suffix("") for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
+    images = {f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
+    owners = images | {f.with_suffix("") for f in images}  # a sidecar is name.txt or name.png.txt
     sidecars: dict[Path, list[Path]] = {}
     for f in files:
         if f.suffix.lower() in CAPTION_EXTENSIONS:
@@ -91,7 +96,7 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     records, problems = [], Counter()
     for path in files:
         suffix = path.suffix.lower()
-        if suffix in CAPTION_EXTENSIONS and path.with_suffix("") in image_stems:
+        if suffix in CAPTION_EXTENSIONS and path.with_suffix("") in owners:
             continue  # a sidecar
         rel = path.relative_to(root).as_posix()
         if suffix not in IMAGE_EXTENSIONS:
@@ -102,8 +107,9 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
             problem, detail, size = _probe(path)
             if problem is None:
                 try:
-                    text = _caption(sidecars.get(path.with_suffix(""), []), caption, token)
-                    records.append(ImageRecord(path, text, size))
+                    found = sidecars.get(path.with_suffix(""), []) + sidecars.get(path, [])
+                    text, sidecar = _caption(found, caption, token, warn, root)
+                    records.append(ImageRecord(path, text, size, sidecar=sidecar))
                     continue
                 except OSError as e:  # training it under the default prompt instead would be silently wrong
                     problem, detail = "unreadable caption", f"{Path(e.filename).name}: {e.strerror}"
@@ -138,13 +144,24 @@ def _inside(root: Path, folders: Sequence[str | os.PathLike]) -> set[Path]:
 
 def _walk(root: Path, skip: Collection[Path] = ()) -> list[Path]:
     """Files under root, sorted by relative path; hidden files and folders, and the resolved folders in `skip`, left
-    out."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (skip and (Path(dirpath) / d).resolve() in skip))
-        found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    out. Symlinked folders are followed, paths kept as seen under root; but each real folder (by resolved path) is
+    read once: through its own path when root holds it without a link, else through the first link the walk meets
+    (top-down, by name), so a link to an ancestor or a second link to a folder adds nothing. Links to files,
+    broken ones too, are listed as files."""
+    # the one path each real folder is read through; None for the folders in skip
+    claimed: dict[Path, Path | None] = {**dict.fromkeys(skip), root.resolve(): root}
+
+    def walk(follow: bool) -> list[Path]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
+            folders = (Path(dirpath) / d for d in sorted(dirnames) if not d.startswith("."))
+            dirnames[:] = [f.name for f in folders
+                           if (follow or not f.is_symlink()) and claimed.setdefault(f.resolve(), f) == f]
+            found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+        return found
+
+    walk(follow=False)  # claims the folders reached without crossing a link
+    return sorted(walk(follow=True), key=lambda p: p.relative_to(root).as_posix())
 
 
 def _probe(path: Path) -> tuple[str | None, str, tuple[int, int]]:
@@ -155,8 +172,9 @@ def _probe(path: Path) -> tuple[str | None, str, tuple[int, int]]:
         image = load_image(path)
     except UnidentifiedImageError:
         return "not an image", "its contents are not a known image format", (0, 0)
-    except (PermissionError, IsADirectoryError) as e:
-        return "unreadable", e.strerror or type(e).__name__, (0, 0)
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
+        broken = path.is_symlink() and not path.exists()
+        return "unreadable", "a broken symlink" if broken else e.strerror or type(e).__name__, (0, 0)
     except Image.DecompressionBombError as e:
         return "image too large", _one_line(e), (0, 0)
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
@@ -169,40 +187,51 @@ def _one_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def read_caption(image_path: str | os.PathLike, default: str, token: str | None = None) -> str:
-    """The caption for an image: its `name.txt` or `name.caption` sidecar (the extension in any case, as `name.TXT`),
-    else `default`; the trigger token is prepended when the caption lacks it. Whitespace (newlines included)
-    collapses to single spaces, and a leading byte-order mark (as Notepad writes) is dropped. A sidecar that cannot
-    be read raises OSError with its path as `filename`."""
+def read_caption(image_path: str | os.PathLike, default: str, token: str | None = None,
+                 warn: Warn | None = None) -> str:
+    """The caption for an image: its sidecar, else `default`; the trigger token is prepended when the caption lacks
+    it. A sidecar is `name.txt` or `name.caption`, or, as some captioning tools write, the full image name plus one
+    of these (`name.png.txt`); the extension in any case (`name.TXT`). Whitespace (newlines included) collapses to
+    single spaces, and a leading byte-order mark (as Notepad writes) is dropped. Bytes that are not UTF-8 become
+    U+FFFD, with one warning line through `warn` (none by default). A sidecar that cannot be read raises OSError
+    with its path as `filename`."""
     path = Path(image_path)
     try:
         names = os.listdir(path.parent)
     except OSError:
         names = []
-    candidates = [path.parent / n for n in names if Path(n).stem == path.stem
+    candidates = [path.parent / n for n in names if Path(n).stem in (path.stem, path.name)
                   and Path(n).suffix.lower() in CAPTION_EXTENSIONS]
-    return _caption(candidates, default, token)
+    return _caption(candidates, default, token, warn)[0]
 
 
-def _caption(candidates: Sequence[Path], default: str, token: str | None) -> str:
-    """read_caption given the image's sidecars: the first non-empty one in preference order (.txt before .caption;
-    among case variants of one extension, the lower-case one, then the others sorted by name)."""
-    caption = ""
+def _caption(candidates: Sequence[Path], default: str, token: str | None, warn: Warn | None = None,
+             root: Path | None = None) -> tuple[str, Path | None]:
+    """read_caption given the image's sidecars, and the sidecar used (None for the default): the first non-empty one
+    in preference order (name.txt, then name.png.txt; within each, .txt before .caption; among case variants of
+    one extension, the lower-case one, then the others sorted by name). Warnings name the sidecar relative to
+    `root`."""
     for sidecar in sorted(candidates, key=_sidecar_rank):
         if sidecar.is_file():
             try:
-                text = sidecar.read_text(encoding="utf-8-sig", errors="replace")
+                text = sidecar.read_bytes().decode("utf-8-sig", errors="surrogateescape")
             except OSError as e:
                 raise OSError(e.errno, e.strerror or type(e).__name__, str(sidecar)) from e
-            caption = " ".join(text.split())
+            bad = sum("\udc80" <= c <= "\udcff" for c in text)  # one lone surrogate per byte that is not UTF-8
+            if bad and warn:
+                name = sidecar.relative_to(root).as_posix() if root else str(sidecar)
+                warn(f"warning: {name}: not UTF-8; {bad} byte{'s' * (bad > 1)} replaced with U+FFFD "
+                     "(save it as UTF-8)")
+            caption = " ".join(valid_text(text).split())
             if caption:
-                break
-    return with_token(caption or " ".join(default.split()), token)
+                return with_token(caption, token), sidecar
+    return with_token(" ".join(default.split()), token), None
 
 
-def _sidecar_rank(sidecar: Path) -> tuple[int, bool, str]:
+def _sidecar_rank(sidecar: Path) -> tuple[int, int, bool, str]:
+    """For one image's sidecars, the shorter stem is name.txt's, which goes before name.png.txt."""
     suffix = sidecar.suffix
-    return CAPTION_EXTENSIONS.index(suffix.lower()), suffix != suffix.lower(), sidecar.name
+    return len(sidecar.stem), CAPTION_EXTENSIONS.index(suffix.lower()), suffix != suffix.lower(), sidecar.name
 
 
 def with_token(caption: str, token: str | None) -> str:
@@ -361,10 +390,10 @@ class BucketSampler:
         return batches
 
     def iterate(self, start: int = 0) -> Iterator[list[Key]]:
-        """This process's batches forever, after skipping the first `start` of them (a resumed run passes the
-        number of batches it has already trained on)."""
+        """This process's batches forever, after the first `start` global batches (a resumed run passes the number
+        of batches all processes have trained on, so it goes on with the next one whatever the process count)."""
         per_epoch, cached = len(self), (None, None)
-        position = start * self.world_size + self.rank
+        position = start + self.rank
         while True:
             epoch, offset = divmod(position, per_epoch)
             if cached[0] != epoch:
