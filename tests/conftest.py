@@ -16,3 +16,12 @@ def pipe():
     """A fresh tiny pipeline per test: adapters mutate it."""
     return sd_lora.load_pipeline("tiny")
 
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model gets loaded: the error it checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(sd_lora, "load_pipeline", refuse)

@@ -3,6 +3,9 @@ with a training config for the trainer's tests."""
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +14,8 @@ from PIL import Image, ImageDraw
 from sd_lora.targets import preset_paths
 from sd_lora.training import TrainConfig
 from sd_lora.weights import AdapterWeights, LoRAModule
+
+STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
 
 
 def random_adapter(pipe, preset="full", rank=4, seed=0, alphas="varied", parts=("unet", "text_encoder"),
@@ -113,6 +118,39 @@ def env(**extra) -> dict:
 
 def style_args(images: Path, output: Path, *flags: str) -> list[str]:
     return ["--images", str(images), "--model", "tiny", "--output", str(output), "--log-with", "none", *flags]
+
+
+def style_main(argv: list[str], capsys, model_loads: bool = False) -> tuple[int, str]:
+    """Run train/style.py's main in this process; return the exit code and its one error line. Skipped-file warnings
+    aside, it is all stderr holds, unless `model_loads`: then the CPU notice and progress bars come first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_style", STYLE)
+    style = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(style)
+    code = style.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    errors = [line for line in lines if line.startswith("style.py: error: ")] if model_loads else lines
+    assert len(errors) == 1 and errors[0].startswith("style.py: error: ") and lines[-1] == errors[0], lines
+    return code, errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multi_gpu(images: Path, out: Path, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    """train/style.py through `accelerate launch --multi_gpu --num_processes 2` (on the CPU over gloo here); it must
+    succeed."""
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), str(STYLE),
+         *style_args(images, out, "--sample-every", "0", "--lr", "1e-3", *flags)],
+        check=False, capture_output=True, text=True, env=env(), cwd=cwd, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def step_gradients(images: Path, output: Path, steps: int = 2, **changes) -> list[tuple[float, dict]]:

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env, style_args, style_folder
+from helpers import env, style_args, style_folder, style_main
 from helpers import train_config as config
 
-import sd_lora
 from sd_lora.training import UsageError, checkpoint, loop
 
 STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
@@ -28,35 +27,12 @@ def images(tmp_path) -> Path:
     return style_folder(tmp_path)
 
 
-
-def _main(argv, capsys) -> tuple[int, str]:
-    """Run train/style.py's main; return the exit code and its one error line (skipped-file warnings aside)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_style", STYLE)
-    style = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(style)
-    code = style.main(argv)
-    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
-    assert len(errors) == 1 and errors[0].startswith("style.py: error: "), errors
-    return code, errors[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a model gets loaded: these errors must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the error")
-
-    monkeypatch.setattr(sd_lora, "load_pipeline", refuse)
-
-
 def test_a_folder_with_no_usable_image_stops_before_anything_loads_or_is_written(tmp_path, capsys, no_model):
     folder = tmp_path / "junk"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"")
     (folder / "b.jpg").write_text("not a jpeg")
-    code, err = _main(style_args(folder, tmp_path / "out"), capsys)
+    code, err = style_main(style_args(folder, tmp_path / "out"), capsys)
     assert code == 2 and "no usable image" in err
     assert not (tmp_path / "out").exists()
 
@@ -65,7 +41,7 @@ def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, c
     out = tmp_path / "out"
     checkpoint.write_run(config(images, out, rank=8).resolved())
     (out / "inkwash.safetensors").write_bytes(b"its adapter")  # a finished run whose checkpoints were deleted
-    code, err = _main(style_args(images, out, "--rank", "4"), capsys)
+    code, err = style_main(style_args(images, out, "--rank", "4"), capsys)
     assert code == 2
     assert err.endswith(f"{out} holds a different run (--rank 8 there, 4 here); pass --overwrite to replace it, or "
                         "choose another --output")  # no "--resume latest": there is nothing to resume
@@ -73,7 +49,7 @@ def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, c
     (out / "checkpoints" / "step-4").mkdir(parents=True)
     (out / "checkpoints" / "step-4" / checkpoint.STATE_FILE).write_text("{}")
     checkpoint.write_run(config(images, out).resolved())
-    code, err = _main(style_args(images, out, "--steps", "3", "--sample-every", "0", "--save-every", "0"), capsys)
+    code, err = style_main(style_args(images, out, "--steps", "3", "--sample-every", "0", "--save-every", "0"), capsys)
     assert code == 2 and "already holds this run, with checkpoints up to step 4" in err
 
 
@@ -117,7 +93,7 @@ def test_an_output_or_cache_folder_that_cannot_be_made_is_refused_first(images, 
     path = where if where.startswith("/") else str(tmp_path / where)
     args = ["--output", str(tmp_path / "out"), flag, path] if flag != "--output" else ["--output", path]
     before = sorted(tmp_path.rglob("*"))
-    code, err = _main(["--images", str(images), "--model", "tiny", *args], capsys)
+    code, err = style_main(["--images", str(images), "--model", "tiny", *args], capsys)
     assert code == 2 and err.startswith(f"style.py: error: {message.format(path, afile)}")
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, no probe left
 
@@ -133,9 +109,9 @@ def test_a_folder_name_that_is_not_utf8_still_trains(tmp_path, capsys):
 
 
 def test_resume_with_nothing_to_resume_is_refused(images, tmp_path, capsys, no_model):
-    code, err = _main(style_args(images, tmp_path / "out", "--resume", "latest"), capsys)
+    code, err = style_main(style_args(images, tmp_path / "out", "--resume", "latest"), capsys)
     assert code == 2 and "--resume latest: " in err and "no checkpoint to resume" in err
-    code, err = _main(style_args(images, tmp_path / "out", "--resume", str(tmp_path)), capsys)
+    code, err = style_main(style_args(images, tmp_path / "out", "--resume", str(tmp_path)), capsys)
     assert code == 2 and "not a checkpoint folder" in err
 
 
@@ -146,22 +122,8 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
     (folder / checkpoint.STATE_FILE).write_text("{}")
     (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
         config(images, out, lr=3e-4).resolved())}))
-    code, err = _main(style_args(images, out, "--resume", "latest", "--steps", "50"), capsys)
+    code, err = style_main(style_args(images, out, "--resume", "latest", "--steps", "50"), capsys)
     assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.001 here)" in err
-
-
-@pytest.mark.parametrize("steps", ["4", "3"])
-def test_resume_with_nothing_left_to_train_is_refused(images, tmp_path, capsys, no_model, steps):
-    """It used to "finish" at once, re-save the step-4 adapter as the result and record --steps 3 as the run's."""
-    out = tmp_path / "out"
-    folder = out / "checkpoints" / "step-4"
-    folder.mkdir(parents=True)
-    (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": 4}))
-    (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
-        config(images, out).resolved())}))
-    code, err = _main(style_args(images, out, "--resume", "latest", "--steps", steps), capsys)
-    assert code == 2 and err.endswith(f"is at step 4, and --steps {steps} leaves nothing to train; pass --steps "
-                                      "above 4 to train on")
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -169,7 +131,7 @@ def test_resume_with_nothing_left_to_train_is_refused(images, tmp_path, capsys, 
     (["--attention", "xformers"], "--attention xformers"),
 ])
 def test_cuda_only_features_give_a_clear_error_on_this_machine(images, tmp_path, capsys, no_model, flags, message):
-    code, err = _main(style_args(images, tmp_path / "out", *flags), capsys)
+    code, err = style_main(style_args(images, tmp_path / "out", *flags), capsys)
     assert code == 2 and message in err
 
 
@@ -178,13 +140,13 @@ def test_compile_without_a_cpp_compiler_gives_a_clear_error(images, tmp_path, ca
 
     # inductor's own patch(): monkeypatch's undo left cpp.cxx deleted, breaking every later compile in the process
     with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
-        code, err = _main(style_args(images, tmp_path / "out", "--compile"), capsys)
+        code, err = style_main(style_args(images, tmp_path / "out", "--compile"), capsys)
     assert code == 2 and "--compile on the CPU needs a C++ compiler" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_model_suggests_the_tiny_one(images, tmp_path, capsys):
-    code, err = _main(["--images", str(images), "--output", str(tmp_path / "out"), "--model",
+    code, err = style_main(["--images", str(images), "--output", str(tmp_path / "out"), "--model",
                        str(tmp_path / "nowhere.safetensors")], capsys)
     assert code == 2 and "--model tiny" in err and "nowhere.safetensors" in err
     with pytest.raises(UsageError, match="--model tiny"):

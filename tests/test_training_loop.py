@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_diffusers_applies, env, style_args, style_folder
+from helpers import assert_diffusers_applies, env, multi_gpu, style_args, style_folder
 from helpers import train_config as config
 from PIL import Image
 from safetensors import safe_open
@@ -116,22 +115,6 @@ def test_a_precision_chosen_for_accelerate_launch_is_used_unless_the_trainer_is_
     assert model_row("--mixed-precision", "no").endswith("(cpu, fp32)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def multi_gpu(images: Path, out: Path, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(free_port()), str(STYLE),
-         *style_args(images, out, "--sample-every", "0", "--lr", "1e-3", *flags)],
-        check=False, capture_output=True, text=True, env=env(), cwd=cwd, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def test_accelerate_launch_multi_gpu_trains_in_two_processes_and_resumes_exactly(images, tmp_path):
     """The spec's own command, `accelerate launch --multi_gpu`, with two processes. With no GPU accelerate runs them
     on the CPU over gloo, through the same torch.distributed launcher it uses on GPUs: gradients are averaged over
@@ -177,9 +160,12 @@ def test_the_loss_falls_over_the_run(images, tmp_path):
 
 
 def test_kill_9_then_resume_latest_ends_bit_for_bit_where_an_uninterrupted_run_does(images, tmp_path):
-    flags = ["--steps", "30", "--save-every", "4", "--sample-every", "0", "--lr", "1e-3"]
+    """With a warmup and a cosine schedule, so the resumed schedule must pick up where it stopped."""
+    flags = ["--steps", "30", "--save-every", "4", "--sample-every", "0", "--lr", "1e-3", "--lr-scheduler", "cosine",
+             "--warmup-steps", "5"]
+    same = {"steps": 30, "save_every": 4, "lr": 1e-3, "lr_scheduler": "cosine", "warmup_steps": 5}
     whole = tmp_path / "whole"
-    loop.train(config(images, whole, steps=30, save_every=4, lr=1e-3))
+    loop.train(config(images, whole, **same))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(STYLE), *style_args(images, killed, *flags)], env=env(),
@@ -194,7 +180,7 @@ def test_kill_9_then_resume_latest_ends_bit_for_bit_where_an_uninterrupted_run_d
     steps = [s for s, _ in checkpoint.checkpoints(killed)]
     assert 8 in steps and max(steps) < 30
 
-    result = loop.train(config(images, killed, steps=30, save_every=4, lr=1e-3, resume="latest"))
+    result = loop.train(config(images, killed, **same, resume="latest"))
     assert result["steps"] == 30
     assert same_tensors(tensors(killed / "inkwash.safetensors"), tensors(whole / "inkwash.safetensors"))
     assert [s for s, _ in checkpoint.checkpoints(killed)] == [24, 28, 30]  # --keep-checkpoints 3

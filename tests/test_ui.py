@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import random_adapter, unet_out
+from helpers import free_port, random_adapter, unet_out
 from PIL import Image
 
 import sd_lora
@@ -48,12 +47,6 @@ def write_library(folder: Path) -> None:
     xl.family = "sdxl"
     sd_lora.save_adapter(xl, folder / "xl_style.safetensors")
     (folder / "broken.safetensors").write_bytes(b"this is not a safetensors file")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class App:

@@ -1,8 +1,14 @@
 """The run's folder on disk: which run owns it, resumable checkpoints, and `--resume`.
 
     <output>/run.json                  the settings that decide the adapter; a different run is refused
-    <output>/checkpoints/step-<N>/     accelerate's state (optimizer, RNGs) and the trainer's (LoRA weights in fp32,
-                                       exact; step; schedule), and <name>.safetensors, the adapter at step N
+    <output>/.sd-lora.lock             held (flock) by the main process of the run training there
+    <output>/checkpoints/step-<N>/     accelerate's state (optimizer, RNGs: tensors, read back weights-only),
+                                       trainer_lora.safetensors (the LoRA weights in fp32, exact),
+                                       trainer_state.json (step, losses, schedule, data position),
+                                       and <name>.safetensors, the adapter at step N
+
+Nothing in a checkpoint is unpickled: accelerate reads its own files with torch's weights-only loader, and the
+trainer's state is safetensors and JSON, so `--resume` of a checkpoint from elsewhere cannot run code.
 
 A checkpoint is written into a hidden temporary folder and renamed into place once complete, and old ones are renamed
 away before they are deleted, so a run killed at any moment leaves only whole checkpoints under `step-<N>` names:
@@ -21,13 +27,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; two runs in one folder are not detected there
+    fcntl = None
+
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sd_lora.training.config import RESERVED_NAME, TrainConfig, UsageError
 
 RUN_FILE = f"{RESERVED_NAME}.json"  # not an adapter name: <name>.json is its A1111 sidecar
-STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; human-readable step and loss
+STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; step, losses, schedule, data position
+LORA_FILE = "trainer_lora.safetensors"  # the LoRA weights in fp32 (the adapter beside it is fp16)
+LOCK_FILE = ".sd-lora.lock"
 _STEP_DIR = re.compile(r"step-(\d+)")
 # The settings that decide what a run produces. Two runs that agree on all of them are the same run.
 IDENTITY = ("images", "token", "prompt", "class_prompt", "num_class_images", "prior_weight", "resolution", "flip",
@@ -52,6 +67,12 @@ def check_output(cfg: TrainConfig) -> Path | None:
     """Before anything loads or is written: refuse an output folder that holds another run, or this run's
     checkpoints, unless --resume or --overwrite says what to do with it; refuse a --resume with nothing to resume.
     Returns the checkpoint to resume from, or None."""
+    check_unlocked(Path(cfg.output))
+    return check_folder(cfg)
+
+
+def check_folder(cfg: TrainConfig) -> Path | None:
+    """check_output without the lock check: the main process runs it again once it holds the lock."""
     output = Path(cfg.output)
     previous = _read_json(output / RUN_FILE)
     if cfg.resume is not None:
@@ -59,8 +80,8 @@ def check_output(cfg: TrainConfig) -> Path | None:
         _check_same_run(cfg, _read_json(found / RUN_FILE), where=str(found))
         if previous is not None:
             _check_same_run(cfg, previous, where=str(output))
-        step = (_read_json(found / STATE_FILE) or {}).get("step")
-        if cfg.epochs is None and isinstance(step, int) and step >= cfg.steps:
+        step = verify(found)["step"]
+        if cfg.epochs is None and step >= cfg.steps:
             raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
                              f"pass --steps above {step} to train on")
         return found
@@ -124,6 +145,54 @@ def abandoned(output: Path) -> bool:
     return not (name and (output / f"{name}.safetensors").exists())
 
 
+class OutputLock:
+    """The main process's claim on the output folder for as long as it trains: an exclusive flock on
+    <output>/.sd-lora.lock, which holds its process id. The kernel drops it when the process ends, however it ends,
+    so a killed run never leaves a stale lock."""
+
+    def __init__(self, output: Path):
+        output.mkdir(parents=True, exist_ok=True)
+        self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise UsageError(_locked_message(output)) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def check_unlocked(output: Path) -> None:
+    """Refuse an output folder another run is training in (its main process holds the lock)."""
+    if fcntl is None or not (output / LOCK_FILE).is_file():
+        return
+    try:
+        with open(output / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(_locked_message(output)) from None
+    except OSError:
+        return  # an unreadable lock file: the writability probe and the writes report the folder
+
+
+def _locked_message(output: Path) -> str:
+    try:
+        pid = (output / LOCK_FILE).read_text().strip()
+    except OSError:
+        pid = ""
+    who = f" (process {pid})" if pid.isdigit() else ""
+    return (f"{output}: another sd-lora run{who} is training in this folder; wait for it to finish, stop it, or "
+            "choose another --output")
+
+
 def clear_previous_run(output: Path) -> None:
     """--overwrite: remove what an earlier run wrote (its adapter, checkpoints, samples, logs), not other files.
     Class images stay: they depend only on the model and the class prompt, and take long to make."""
@@ -182,15 +251,8 @@ def find_checkpoint(resume: str, output: Path) -> Path:
 # Saving and loading
 
 
-def register(accelerator, objects: list) -> None:
-    """Checkpoint `objects` (anything with state_dict/load_state_dict) along with accelerate's own state. The trainer
-    registers its LoRA weights this way, so a checkpoint holds a few MB, not the frozen UNet."""
-    for obj in objects:
-        accelerator.register_for_checkpointing(obj)
-
-
 def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_files: Callable[[Path], None],
-         state: dict) -> Path:
+         state: TrainState, scheduler) -> Path:
     """Save a resumable checkpoint for `step` atomically; keep the newest `keep`. Every process must call it.
     `write_files(folder)` adds files (the adapter) on the main process."""
     root = Path(output) / "checkpoints"
@@ -199,12 +261,14 @@ def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_fil
         _remove(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # optimizer, fp16 loss scaler, each process's RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_files(tmp)
         shutil.copyfile(Path(output) / RUN_FILE, tmp / RUN_FILE)
-        _write_json(tmp / STATE_FILE, {"step": step, **state})  # last: its presence marks a complete folder
+        save_file(state.lora(), str(tmp / LORA_FILE))
+        _write_json(tmp / STATE_FILE, {**state.summary(), "processes": accelerator.num_processes,
+                                       "lr_scheduler": scheduler.state_dict()})  # last: marks a complete folder
         _fsync_tree(tmp)
         if final.exists():
             _remove(final)
@@ -216,8 +280,47 @@ def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_fil
     return final
 
 
-def load(accelerator, checkpoint: Path) -> None:
-    accelerator.load_state(str(checkpoint))
+def verify(folder: Path) -> dict:
+    """Before the model loads: read what --resume will read from a checkpoint folder, so a corrupt or foreign one
+    gets one clear error now. Returns its trainer_state.json. Tensors are read with torch's weights-only loader, so
+    a pickle that would run code is refused, not run."""
+    from accelerate.utils import load as load_tensors
+
+    saved = _read_json(folder / STATE_FILE)
+    needs = {"step": int, "batches": int, "processes": int, "skipped": int, "streak": int, "losses": list,
+             "lr_scheduler": dict}
+    broken = [k for k, kind in needs.items() if not isinstance((saved or {}).get(k), kind)]
+    if broken:
+        raise UsageError(f"--resume: {folder / STATE_FILE}: not a readable sd-lora trainer state (no valid "
+                         f"{', '.join(broken)}); resume from another checkpoint")
+    try:
+        with safe_open(str(folder / LORA_FILE), "pt") as f:
+            list(f.keys())
+    except Exception as e:  # noqa: BLE001 - missing, truncated, not safetensors: one message
+        raise UsageError(f"--resume: {folder / LORA_FILE}: cannot be read ({_one_line(e)})") from None
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                load_tensors(path, map_location="cpu")
+            except Exception as e:  # noqa: BLE001
+                raise UsageError(f"--resume: {path}: cannot be read as weights-only tensors ({_one_line(e)}); it is "
+                                 "corrupt, or a pickle that could run code, and is not loaded") from None
+    return saved
+
+
+def load(accelerator, folder: Path, state: TrainState, scheduler) -> dict:
+    """Restore a checkpoint `verify` accepted: accelerate's state, the LoRA weights, step and schedule. Returns its
+    trainer_state.json."""
+    saved = verify(folder)
+    try:
+        accelerator.load_state(str(folder))
+        state.restore(saved, load_file(str(folder / LORA_FILE)))
+        scheduler.load_state_dict(saved["lr_scheduler"])
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the checkpoint does not fit this run; say which and why
+        raise UsageError(f"--resume: {folder}: cannot be loaded into this run ({_one_line(e)})") from None
+    return saved
 
 
 def remove_stale(output: str | os.PathLike) -> None:
@@ -230,18 +333,19 @@ def remove_stale(output: str | os.PathLike) -> None:
 
 
 class TrainState:
-    """What a checkpoint holds besides accelerate's own state (optimizer, its RNGs): the LoRA weights, exactly, and
-    the step and loss history.
+    """What a checkpoint holds besides accelerate's own state (optimizer, its RNGs): the LoRA weights, exactly, the
+    step and loss history, and the data position (`batches`: batches trained on by all processes together, so a
+    resume with another number of processes goes on with the next batch).
 
     The trainer's random numbers (noise, timesteps, latent samples) come from `generator`, which `begin_step()`
     reseeds from (seed, process, step) at every optimizer step. So a checkpoint needs no generator state: accelerate
     writes custom state from the main process only, and a saved generator would come back as the main process's on
     every process of a multi-process run."""
 
-    def __init__(self, models, seed: int, process: int = 0):
-        self.models, self.seed, self.process = models, seed, process
+    def __init__(self, models, seed: int, process: int = 0, batches_per_step: int = 1):
+        self.models, self.seed, self.process, self.batches_per_step = models, seed, process, batches_per_step
         self.generator = torch.Generator()
-        self.step, self.skipped, self.streak, self.losses = 0, 0, 0, []
+        self.step, self.batches, self.skipped, self.streak, self.losses = 0, 0, 0, 0, []
         self.begin_step()
 
     def begin_step(self) -> None:
@@ -251,6 +355,7 @@ class TrainState:
 
     def record(self, loss: float) -> None:
         self.step += 1
+        self.batches += self.batches_per_step
         self.losses.append(loss)
         finite = math.isfinite(loss)
         self.skipped += not finite
@@ -259,19 +364,23 @@ class TrainState:
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return {f"{i}.{n}": p for i, m in enumerate(self.models) for n, p in m.named_parameters() if p.requires_grad}
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped, "streak": self.streak, "losses": list(self.losses),
-                "lora": {n: p.detach().cpu().clone() for n, p in self._params().items()}}
+    def lora(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self._params().items()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def summary(self) -> dict:
+        return {"step": self.step, "batches": self.batches, "skipped": self.skipped, "streak": self.streak,
+                "losses": list(self.losses), "loss": self.losses[-1] if self.losses else None}
+
+    def restore(self, saved: dict, lora: dict[str, torch.Tensor]) -> None:
         params = self._params()
-        if set(state["lora"]) != set(params):
+        if set(lora) != set(params) or any(lora[n].shape != p.shape for n, p in params.items()):
             raise UsageError("--resume: the checkpoint holds another network (targets, rank or text encoder differ)")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(state["lora"][name])
-        self.step, self.skipped, self.streak = state["step"], state["skipped"], state["streak"]
-        self.losses = list(state["losses"])
+                p.copy_(lora[name])
+        self.step, self.batches, self.skipped, self.streak = (saved[k] for k in ("step", "batches", "skipped",
+                                                                                  "streak"))
+        self.losses = [float(x) for x in saved["losses"]]
         self.begin_step()
 
 
@@ -290,6 +399,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _read_json(path: Path) -> dict | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -55,14 +56,20 @@ def train(config: TrainConfig, pipe=None) -> dict:
     checkpoint.check_writable(cfg)
     pipe = pipe or prepare.load_model(cfg.model)
     accelerator = prepare.make_accelerator(cfg, notice=main)
-    on_cpu = accelerator.device.type == "cpu"
+    on_cpu, lock = accelerator.device.type == "cpu", None
     if on_cpu:  # each step reuses the last one's buffers instead of faulting fresh pages in (~20% of an SD1.5 step)
         host_memory.keep_freed_memory()
     try:
+        if main:  # held until the run ends: a second run in this folder is refused, not mixed in
+            lock = checkpoint.OutputLock(Path(cfg.output))
+            if checkpoint.check_folder(cfg) != resume_from:  # another run wrote here while the model loaded
+                raise UsageError(f"{cfg.output}: another run changed this folder while the model loaded; run again")
         result = _train(cfg, records, resume_from, accelerator, pipe)
         accelerator.end_training()
         return result
     finally:
+        if lock is not None:
+            lock.release()
         if on_cpu:
             host_memory.release_free_memory()
         for tracker in accelerator.trackers:
@@ -80,15 +87,14 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
     pipe.to(accelerator.device)
     pipe.to(dtype=prepare.weight_dtype(accelerator))  # frozen weights: fp16/bf16 when mixed, else fp32 (LoRA: fp32)
     class_records = prepare.class_images(cfg, pipe, resolution, accelerator) if cfg.prior_preservation else []
-    if main:
+    trainer = Trainer(cfg, pipe, records, class_records, accelerator, resolution)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    if main:  # the run takes the folder over only now that everything has loaded
         if cfg.overwrite or checkpoint.abandoned(out):  # a run killed before its first checkpoint left nothing
             checkpoint.clear_previous_run(out)
         checkpoint.remove_stale(out)
         checkpoint.write_run(cfg, started=started)
-    trainer = Trainer(cfg, pipe, records, class_records, accelerator, resolution)
-    if resume_from is not None:
-        checkpoint.load(accelerator, resume_from)
-        trainer.restart_batches()
     first = trainer.state.step
     accelerator.init_trackers("sd-lora", config={k: _loggable(v) for k, v in checkpoint.identity(cfg).items()})
     if main:
@@ -182,7 +188,8 @@ class Trainer:
                                            cfg.flip, rank=rank, world_size=world) if class_records else None
         self.images_per_step = cfg.batch_size * cfg.grad_accum * world
         self.epoch_steps = len(self.sampler) / (cfg.grad_accum * world)
-        self.total_steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * self.epoch_steps)
+        self.state = checkpoint.TrainState(self.models, cfg.seed, rank, batches_per_step=cfg.grad_accum * world)
+        self.total_steps = self._total_steps()
 
         if not params.get("unet"):
             raise UsageError(f"--targets {cfg.targets}: no module of this model's UNet matches")
@@ -192,9 +199,14 @@ class Trainer:
         self.optimizer = accelerator.prepare(prepare.make_optimizer(cfg.optimizer, groups))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, prepare.lr_factor(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
-        self.state = checkpoint.TrainState(self.models, cfg.seed, rank)
-        checkpoint.register(accelerator, [self.state, self.lr_scheduler])
         self.restart_batches()
+
+    def _total_steps(self) -> int:
+        """--steps, or the steps that make --epochs: those already trained plus enough for the batches left."""
+        if self.cfg.epochs is None:
+            return self.cfg.steps
+        left = max(0.0, self.cfg.epochs * len(self.sampler) - self.state.batches)
+        return self.state.step + math.ceil(left / self.state.batches_per_step)
 
     def _cache_latents(self, cfg, pipe, records, class_records) -> None:
         bar = prepare.progress_bar(len(records + class_records) * (2 if cfg.flip else 1), 0,
@@ -205,10 +217,27 @@ class Trainer:
         bar.close()
 
     def restart_batches(self) -> None:
-        """Batch iterators positioned after the batches this process has trained on (0, or a checkpoint's)."""
-        done = self.state.step * self.cfg.grad_accum
+        """Batch iterators positioned after the batches all processes have trained on (0, or a checkpoint's)."""
+        done = self.state.batches
         self.batches = self.sampler.iterate(done)
         self.class_batches = self.class_sampler.iterate(done) if self.class_sampler else None
+
+    def resume(self, folder: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, step and data position. With another number of
+        processes than the run that saved it, the data goes on where it stopped but the noise differs from what the
+        original run would have drawn; say so."""
+        saved = checkpoint.load(self.accelerator, folder, self.state, self.lr_scheduler)
+        self.restart_batches()
+        if self.cfg.epochs is not None and self._total_steps() != self.total_steps:
+            self.total_steps = self._total_steps()
+            self.lr_scheduler.lr_lambdas = [prepare.lr_factor(self.cfg.lr_scheduler, self.cfg.warmup_steps,
+                                                              self.total_steps)] * len(self.lr_scheduler.lr_lambdas)
+        world = self.accelerator.num_processes
+        if saved["processes"] != world and self.accelerator.is_main_process:
+            print(valid_text(f"warning: --resume: {folder} was trained with "
+                             f"{report.count(saved['processes'], 'process', 'processes')}, this run has {world}: "
+                             "training goes on from the next batch, but not as the original run would have"),
+                  file=sys.stderr, flush=True)
 
     # ---- the training step --------------------------------------------------------------------------------------
     def step(self) -> float | None:
@@ -326,7 +355,7 @@ class Trainer:
         step, name = self.state.step, self.cfg.name
         checkpoint.save(self.accelerator, self.cfg.output, step, self.cfg.keep_checkpoints,
                         lambda folder: self._save_adapter(folder / f"{name}.safetensors", started),
-                        {"loss": self.state.losses[-1] if self.state.losses else None})
+                        self.state, self.lr_scheduler)
 
     def _save_adapter(self, path: Path, started: float) -> None:
         import sd_lora
@@ -368,8 +397,7 @@ class Trainer:
                    f"{' (both flips)' if self.cfg.flip else ''}" if self.cfg.cache else "off: the VAE encodes every step")
         return report.start_rows(
             self.cfg, images=len(self.records), buckets=bucket_counts(self.records),
-            sidecars=sum(1 for r in self.records if r.path.with_suffix(".txt").is_file()
-                         or r.path.with_suffix(".caption").is_file()),
+            sidecars=sum(1 for r in self.records if r.sidecar is not None),
             class_images=len(self.class_records), steps=self.total_steps, start_step=self.state.step,
             epochs=self.total_steps / self.epoch_steps, processes=self.accelerator.num_processes, modules=modules,
             trainable=sum(p.numel() for p in self.params), precision=prepare.precision_text(self.accelerator),

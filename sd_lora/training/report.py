@@ -40,7 +40,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
     te_lr = f" / {cfg.te_lr:g} text encoder" if modules.get("text_encoder") else ""
     rows = [
         ("model", f"{cfg.model}  ({device}, {precision}{COMPILE_NOTE if cfg.compile else ''})"),
-        ("images", (f"{images} in {cfg.images}; {_count(len(buckets), 'bucket')}: "
+        ("images", (f"{images} in {cfg.images}; {count(len(buckets), 'bucket')}: "
                    f"{buckets_text}")),
         ("captions", (f"{sidecars} from sidecar files, {images - sidecars} from the prompt {cfg.prompt!r}; "
                      f"token {cfg.token!r}")),
@@ -48,8 +48,8 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
                   f"{cfg.prior_weight:g}" if cfg.prior_preservation else "off"),
         ("network", (f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g}, {cfg.targets}: {modules.get('unet', 0)} UNet{te} "
                     f"modules, {trainable:,} trainable parameters (fp32)")),
-        ("steps", (f"{steps} × {_count(per_step, 'image')} (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × "
-                  f"{_count(processes, 'process', 'processes')}) = {epochs:.3g} epoch{'' if epochs == 1 else 's'}")),
+        ("steps", (f"{steps} × {count(per_step, 'image')} (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × "
+                  f"{count(processes, 'process', 'processes')}) = {epochs:.3g} epoch{'' if epochs == 1 else 's'}")),
         ("optimizer", (f"{cfg.optimizer}, lr {cfg.lr:g} UNet{te_lr}, {cfg.lr_scheduler} "
                       f"after {cfg.warmup_steps} warmup steps, max-grad-norm {cfg.max_grad_norm:g}")),
         ("loss", ", ".join(filter(None, [f"min-SNR γ {cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "",
@@ -72,10 +72,10 @@ def end_rows(*, seconds: float, step_seconds: float, trained_steps: int, images_
     rate = trained_steps / step_seconds if step_seconds > 0 else 0.0
     tail = [x for x in losses[-20:] if math.isfinite(x)]
     rows = [
-        ("time", (f"{_duration(seconds)} in all; {_count(trained_steps, 'step')} took {_duration(step_seconds)} "
+        ("time", (f"{_duration(seconds)} in all; {count(trained_steps, 'step')} took {_duration(step_seconds)} "
                   f"({rate:.2f} steps/s, {rate * images_per_step:.2f} images/s)")),
-        ("loss", f"{sum(tail) / len(tail):.4f} (mean of the last {_count(len(tail), 'step')})" if tail else "-"),
-        ("skipped", f"{_count(skipped, 'step')} with a NaN/Inf loss" if skipped else "none"),
+        ("loss", f"{sum(tail) / len(tail):.4f} (mean of the last {count(len(tail), 'step')})" if tail else "-"),
+        ("skipped", f"{count(skipped, 'step')} with a NaN/Inf loss" if skipped else "none"),
         ("memory", f"peak {peak_memory}"),
         ("adapter", f"{adapter} ({_size(adapter.stat().st_size) if adapter.exists() else '?'})"),
     ]
@@ -83,7 +83,7 @@ def end_rows(*, seconds: float, step_seconds: float, trained_steps: int, images_
     return rows
 
 
-def _count(n: int, noun: str, plural: str | None = None) -> str:
+def count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 

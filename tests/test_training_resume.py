@@ -1,0 +1,136 @@
+"""--resume and the output folder's owner, as a user meets them: a checkpoint from elsewhere is read without
+unpickling anything, a broken one gets one line before the model loads, a second run cannot train into a folder a
+run is training in, and a resume with another number of processes goes on with the next batch. Kill -9 and exact
+resume: tests/test_training_loop.py. Tiny model, CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import STYLE, env, multi_gpu, style_args, style_folder, style_main
+from helpers import train_config as config
+
+from sd_lora.training import checkpoint, loop
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(images, output) of a finished 4-step run with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("trained")
+    images = style_folder(root)
+    loop.train(config(images, root / "out", steps=4, save_every=2))
+    return images, root / "out"
+
+
+def a_copy(trained, tmp_path: Path) -> tuple[Path, Path]:
+    """The trained run's output folder copied, so a test may break it; its step-2 checkpoint."""
+    out = tmp_path / "out"
+    shutil.copytree(trained[1], out)
+    return out, out / "checkpoints" / "step-2"
+
+
+class Planted:
+    """Unpickling this touches a file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_resume_never_unpickles_code_in_a_checkpoint(trained, tmp_path, capsys, no_model, name):
+    """Before, the trainer's state went through accelerate's custom-state pickle (loaded with weights_only=False),
+    so a shared checkpoint could run code on --resume."""
+    out, step = a_copy(trained, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"state": Planted(marker)}, step / name)
+    code, err = style_main(style_args(trained[0], out, "--resume", str(step), "--steps", "6"), capsys)
+    assert code == 2 and not marker.exists()
+    assert f"--resume: {step / name}: cannot be read as weights-only tensors" in err and "could run code" in err
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda step: (step / checkpoint.LORA_FILE).write_bytes((step / checkpoint.LORA_FILE).read_bytes()[:100]),
+     f"{checkpoint.LORA_FILE}: cannot be read"),
+    (lambda step: (step / checkpoint.LORA_FILE).unlink(), f"{checkpoint.LORA_FILE}: cannot be read"),
+    (lambda step: (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "loss": 0.5})),  # an old layout
+     f"{checkpoint.STATE_FILE}: not a readable sd-lora trainer state (no valid batches, processes"),
+])
+def test_a_broken_checkpoint_is_one_line_before_the_model_loads(trained, tmp_path, capsys, no_model, damage,
+                                                                  message):
+    out, _ = a_copy(trained, tmp_path)
+    damage(out / "checkpoints" / "step-4")  # the latest
+    code, err = style_main(style_args(trained[0], out, "--resume", "latest", "--steps", "6"), capsys)
+    assert code == 2 and message in err and "step-4" in err, err
+
+
+def test_a_checkpoint_of_another_network_is_refused_and_nothing_is_written(trained, tmp_path, capsys):
+    """The shapes match run.json's claims only if nobody edited it: a step-2 LoRA file of rank 8 gets one line."""
+    out, step = a_copy(trained, tmp_path)
+    lora = checkpoint.load_file(str(step / checkpoint.LORA_FILE))
+    checkpoint.save_file({k: torch.zeros(8, v.shape[1]) if v.shape[0] == 4 else v for k, v in lora.items()},
+                         str(step / checkpoint.LORA_FILE))
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != checkpoint.RUN_FILE)
+    code, err = style_main(style_args(trained[0], out, "--resume", str(step), "--steps", "6", "--sample-every",
+                                      "0", "--save-every", "0"), capsys, model_loads=True)
+    assert code == 2 and "the checkpoint holds another network" in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != checkpoint.RUN_FILE) == before
+
+
+@pytest.mark.parametrize("steps", ["4", "3"])
+def test_resume_with_nothing_left_to_train_is_refused(trained, tmp_path, capsys, no_model, steps):
+    """It used to "finish" at once, re-save the step-4 adapter as the result and record --steps 3 as the run's."""
+    out, _ = a_copy(trained, tmp_path)
+    code, err = style_main(style_args(trained[0], out, "--resume", "latest", "--steps", steps), capsys)
+    assert code == 2 and err.endswith(f"is at step 4, and --steps {steps} leaves nothing to train; pass --steps "
+                                      "above 4 to train on")
+
+
+def test_a_second_run_cannot_train_in_a_folder_a_run_is_training_in(tmp_path, capsys):
+    """Before its first checkpoint, a running run's folder looked abandoned, and a second run took it over and
+    cleared it under the first one's feet. Once the first is gone (killed), its folder is free again."""
+    images, out = style_folder(tmp_path), tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(STYLE), *style_args(images, out, "--steps", "100000",
+                                                                      "--sample-every", "0", "--save-every", "0")],
+                             env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / checkpoint.RUN_FILE).is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None and (out / checkpoint.RUN_FILE).is_file()
+        code, err = style_main(style_args(images, out, "--steps", "2"), capsys)
+        assert code == 2 and err.endswith(f"{out}: another sd-lora run (process {first.pid}) is training in this "
+                                          "folder; wait for it to finish, stop it, or choose another --output")
+        code, err = style_main(style_args(images, out, "--steps", "2", "--overwrite"), capsys)
+        assert code == 2 and "another sd-lora run" in err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    result = loop.train(config(images, out, steps=2))
+    assert result["steps"] == 2 and (out / "inkwash.safetensors").is_file()
+
+
+def test_a_resume_with_another_number_of_processes_goes_on_with_the_next_batch(tmp_path, capsys):
+    """--epochs 2 over 4 images (one per batch) is 8 batches: 4 steps with two processes. Resumed at step 2 (4
+    batches done) with one process, 4 batches are left: 4 more steps, not the 8 - 2 a per-process count gave (which
+    also trained the batches at positions 2 and 3 again)."""
+    images, out = style_folder(tmp_path), tmp_path / "out"
+    multi_gpu(images, out, tmp_path, "--epochs", "2", "--save-every", "2")
+    step = out / "checkpoints" / "step-2"
+    assert json.loads((step / checkpoint.STATE_FILE).read_text())["batches"] == 4
+    result = loop.train(config(images, tmp_path / "resumed", epochs=2, save_every=0, lr=1e-3, resume=str(step)))
+    assert result["steps"] == 6
+    assert f"warning: --resume: {step} was trained with 2 processes, this run has 1" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step-6" / checkpoint.STATE_FILE).read_text())
+    assert saved["batches"] == 8 and saved["processes"] == 1
