@@ -17,7 +17,7 @@ import pytest
 from helpers import env, style_args, style_folder, style_main
 from helpers import train_config as config
 
-from sd_lora.training import UsageError, checkpoint, loop
+from sd_lora.training import UsageError, checkpoint, loop, run_folder
 
 STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
 
@@ -39,7 +39,7 @@ def test_a_folder_with_no_usable_image_stops_before_anything_loads_or_is_written
 
 def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, capsys, no_model):
     out = tmp_path / "out"
-    checkpoint.write_run(config(images, out, rank=8).resolved())
+    run_folder.write_run(config(images, out, rank=8).resolved())
     (out / "inkwash.safetensors").write_bytes(b"its adapter")  # a finished run whose checkpoints were deleted
     code, err = style_main(style_args(images, out, "--rank", "4"), capsys)
     assert code == 2
@@ -48,7 +48,7 @@ def test_an_output_folder_holding_a_different_run_is_refused(images, tmp_path, c
 
     (out / "checkpoints" / "step-4").mkdir(parents=True)
     (out / "checkpoints" / "step-4" / checkpoint.STATE_FILE).write_text("{}")
-    checkpoint.write_run(config(images, out).resolved())
+    run_folder.write_run(config(images, out).resolved())
     code, err = style_main(style_args(images, out, "--steps", "3", "--sample-every", "0", "--save-every", "0"), capsys)
     assert code == 2 and "already holds this run, with checkpoints up to step 4" in err
 
@@ -57,11 +57,11 @@ def test_a_run_that_stopped_before_its_first_checkpoint_leaves_its_folder_free(i
     """Killed or failed early, a run leaves run.json, logs and samples but no checkpoint and no adapter. The next run
     takes the folder over (it used to be refused as "a different run", with advice to resume it, which failed)."""
     out = tmp_path / "out"
-    checkpoint.write_run(config(images, out, rank=8).resolved())
+    run_folder.write_run(config(images, out, rank=8).resolved())
     (out / "samples").mkdir()
     (out / "samples" / "step-000008.png").write_bytes(b"from the dead run")
     assert loop.train(config(images, out, rank=4, steps=2))["steps"] == 2
-    assert json.loads((out / checkpoint.RUN_FILE).read_text())["identity"]["rank"] == 4
+    assert json.loads((out / run_folder.RUN_FILE).read_text())["identity"]["rank"] == 4
     assert not (out / "samples" / "step-000008.png").exists() and (out / "inkwash.safetensors").is_file()
 
 
@@ -120,7 +120,7 @@ def test_resume_from_a_different_run_is_refused(images, tmp_path, capsys, no_mod
     folder = out / "checkpoints" / "step-4"
     folder.mkdir(parents=True)
     (folder / checkpoint.STATE_FILE).write_text("{}")
-    (folder / checkpoint.RUN_FILE).write_text(json.dumps({"identity": checkpoint.identity(
+    (folder / run_folder.RUN_FILE).write_text(json.dumps({"identity": run_folder.identity(
         config(images, out, lr=3e-4).resolved())}))
     code, err = style_main(style_args(images, out, "--resume", "latest", "--steps", "50"), capsys)
     assert code == 2 and "comes from a different run (--lr 0.0003 there, 0.001 here)" in err

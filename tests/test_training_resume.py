@@ -18,8 +18,9 @@ import pytest
 import torch
 from helpers import STYLE, env, multi_gpu, style_args, style_folder, style_main
 from helpers import train_config as config
+from safetensors.torch import load_file, save_file
 
-from sd_lora.training import checkpoint, loop
+from sd_lora.training import checkpoint, loop, run_folder
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +79,14 @@ def test_a_broken_checkpoint_is_one_line_before_the_model_loads(trained, tmp_pat
 def test_a_checkpoint_of_another_network_is_refused_and_nothing_is_written(trained, tmp_path, capsys):
     """The shapes match run.json's claims only if nobody edited it: a step-2 LoRA file of rank 8 gets one line."""
     out, step = a_copy(trained, tmp_path)
-    lora = checkpoint.load_file(str(step / checkpoint.LORA_FILE))
-    checkpoint.save_file({k: torch.zeros(8, v.shape[1]) if v.shape[0] == 4 else v for k, v in lora.items()},
+    lora = load_file(str(step / checkpoint.LORA_FILE))
+    save_file({k: torch.zeros(8, v.shape[1]) if v.shape[0] == 4 else v for k, v in lora.items()},
                          str(step / checkpoint.LORA_FILE))
-    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != checkpoint.RUN_FILE)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != run_folder.RUN_FILE)
     code, err = style_main(style_args(trained[0], out, "--resume", str(step), "--steps", "6", "--sample-every",
                                       "0", "--save-every", "0"), capsys, model_loads=True)
     assert code == 2 and "the checkpoint holds another network" in err
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != checkpoint.RUN_FILE) == before
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != run_folder.RUN_FILE) == before
 
 
 @pytest.mark.parametrize("steps", ["4", "3"])
@@ -106,9 +107,9 @@ def test_a_second_run_cannot_train_in_a_folder_a_run_is_training_in(tmp_path, ca
                              env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while not (out / checkpoint.RUN_FILE).is_file() and first.poll() is None and time.time() < deadline:
+        while not (out / run_folder.RUN_FILE).is_file() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert first.poll() is None and (out / checkpoint.RUN_FILE).is_file()
+        assert first.poll() is None and (out / run_folder.RUN_FILE).is_file()
         code, err = style_main(style_args(images, out, "--steps", "2"), capsys)
         assert code == 2 and err.endswith(f"{out}: another sd-lora run (process {first.pid}) is training in this "
                                           "folder; wait for it to finish, stop it, or choose another --output")

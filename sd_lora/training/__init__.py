@@ -1,4 +1,4 @@
-"""The engine behind train/style.py: config, data, loop, checkpoint."""
+"""The engine behind train/style.py: config, data, loop, checkpoint, run_folder (who owns the output folder)."""
 
 from sd_lora.training.config import ConfigError, TrainConfig, UsageError
 from sd_lora.training.data import DatasetError

@@ -1,7 +1,5 @@
-"""The run's folder on disk: which run owns it, resumable checkpoints, and `--resume`.
+"""Resumable checkpoints and `--resume` (which run owns the output folder: run_folder.py).
 
-    <output>/run.json                  the settings that decide the adapter; a different run is refused
-    <output>/.sd-lora.lock             held (flock) by the main process of the run training there
     <output>/checkpoints/step-<N>/     accelerate's state (optimizer, RNGs: tensors, read back weights-only),
                                        trainer_lora.safetensors (the LoRA weights in fp32, exact),
                                        trainer_state.json (step, losses, schedule, data position),
@@ -23,193 +21,19 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock; two runs in one folder are not detected there
-    fcntl = None
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd_lora.training.config import RESERVED_NAME, TrainConfig, UsageError
+from sd_lora.training.config import RUN_FILE, UsageError
 
-RUN_FILE = f"{RESERVED_NAME}.json"  # not an adapter name: <name>.json is its A1111 sidecar
 STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; step, losses, schedule, data position
 LORA_FILE = "trainer_lora.safetensors"  # the LoRA weights in fp32 (the adapter beside it is fp16)
-LOCK_FILE = ".sd-lora.lock"
 _STEP_DIR = re.compile(r"step-(\d+)")
-# The settings that decide what a run produces. Two runs that agree on all of them are the same run.
-IDENTITY = ("images", "token", "prompt", "class_prompt", "num_class_images", "prior_weight", "resolution", "flip",
-            "targets", "rank", "alpha", "text_encoder", "lr", "te_lr", "optimizer", "lr_scheduler", "warmup_steps",
-            "max_grad_norm", "steps", "epochs", "batch_size", "grad_accum", "seed", "min_snr_gamma", "noise_offset",
-            "model", "name")
-# A resumed run may train longer or shorter than the run it continues; everything else must match.
-RESUMABLE_CHANGES = ("steps", "epochs")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Which run owns the output folder
-
-
-def identity(cfg: TrainConfig) -> dict:
-    values = {name: getattr(cfg, name) for name in IDENTITY}
-    values["images"] = str(Path(cfg.images).expanduser().resolve())
-    return values
-
-
-def check_output(cfg: TrainConfig) -> Path | None:
-    """Before anything loads or is written: refuse an output folder that holds another run, or this run's
-    checkpoints, unless --resume or --overwrite says what to do with it; refuse a --resume with nothing to resume.
-    Returns the checkpoint to resume from, or None."""
-    check_unlocked(Path(cfg.output))
-    return check_folder(cfg)
-
-
-def check_folder(cfg: TrainConfig) -> Path | None:
-    """check_output without the lock check: the main process runs it again once it holds the lock."""
-    output = Path(cfg.output)
-    previous = _read_json(output / RUN_FILE)
-    if cfg.resume is not None:
-        found = find_checkpoint(cfg.resume, output)
-        _check_same_run(cfg, _read_json(found / RUN_FILE), where=str(found))
-        if previous is not None:
-            _check_same_run(cfg, previous, where=str(output))
-        step = verify(found)["step"]
-        if cfg.epochs is None and step >= cfg.steps:
-            raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
-                             f"pass --steps above {step} to train on")
-        return found
-    if previous is None or cfg.overwrite or abandoned(output):
-        return None
-    if previous.get("identity") != identity(cfg):
-        field = _first_difference(identity(cfg), previous.get("identity") or {})
-        resume = "--resume latest to continue that run, " if checkpoints(output) else ""
-        raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
-                         "choose another --output")
-    if checkpoints(output):
-        raise UsageError(f"{output} already holds this run, with checkpoints up to step {checkpoints(output)[-1][0]};"
-                         " pass --resume latest to continue it or --overwrite to start over")
-    return None
-
-
-def check_writable(cfg: TrainConfig) -> None:
-    """Before anything loads: the folders the run writes (--output, --cache-dir, a class-images folder still to be
-    made) can be made and written. A probe folder is created in the deepest existing parent and removed again."""
-    for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
-                         ("--class-images", cfg.class_images)):
-        if not folder:
-            continue
-        path = Path(folder).expanduser()
-        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
-        if not existing.is_dir():
-            where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
-            raise UsageError(f"{flag} {folder}: {where}, not a folder")
-        if flag == "--class-images" and existing == path:
-            continue  # a full class-image folder is only read: it may be read-only
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".sd-lora-probe-", dir=existing))
-        except OSError as e:
-            raise UsageError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
-
-
-def _check_same_run(cfg: TrainConfig, saved: dict | None, where: str) -> None:
-    if saved is None:
-        raise UsageError(f"--resume: {where} has no {RUN_FILE}; it is not a checkpoint of an sd-lora run")
-    ours = {k: v for k, v in identity(cfg).items() if k not in RESUMABLE_CHANGES}
-    theirs = {k: v for k, v in (saved.get("identity") or {}).items() if k not in RESUMABLE_CHANGES}
-    if ours != theirs:
-        raise UsageError(f"--resume: {where} comes from a different run ({_first_difference(ours, theirs)}); "
-                         "only --steps and --epochs may change when resuming")
-
-
-def _first_difference(ours: dict, theirs: dict) -> str:
-    for key, value in ours.items():
-        if value != theirs.get(key):
-            return f"--{key.replace('_', '-')} {theirs.get(key)!r} there, {value!r} here"
-    return "its settings differ"
-
-
-def abandoned(output: Path) -> bool:
-    """The folder holds a run that stopped before its first checkpoint (killed, or failed early): nothing in it is
-    worth keeping, so a new run may take it over without --overwrite."""
-    previous = _read_json(output / RUN_FILE)
-    if previous is None or checkpoints(output):
-        return False
-    name = (previous.get("identity") or {}).get("name") or ""
-    return not (name and (output / f"{name}.safetensors").exists())
-
-
-class OutputLock:
-    """The main process's claim on the output folder for as long as it trains: an exclusive flock on
-    <output>/.sd-lora.lock, which holds its process id. The kernel drops it when the process ends, however it ends,
-    so a killed run never leaves a stale lock."""
-
-    def __init__(self, output: Path):
-        output.mkdir(parents=True, exist_ok=True)
-        self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise UsageError(_locked_message(output)) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-
-    def release(self) -> None:
-        self.file.close()
-
-
-def check_unlocked(output: Path) -> None:
-    """Refuse an output folder another run is training in (its main process holds the lock)."""
-    if fcntl is None or not (output / LOCK_FILE).is_file():
-        return
-    try:
-        with open(output / LOCK_FILE) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(_locked_message(output)) from None
-    except OSError:
-        return  # an unreadable lock file: the writability probe and the writes report the folder
-
-
-def _locked_message(output: Path) -> str:
-    try:
-        pid = (output / LOCK_FILE).read_text().strip()
-    except OSError:
-        pid = ""
-    who = f" (process {pid})" if pid.isdigit() else ""
-    return (f"{output}: another sd-lora run{who} is training in this folder; wait for it to finish, stop it, or "
-            "choose another --output")
-
-
-def clear_previous_run(output: Path) -> None:
-    """--overwrite: remove what an earlier run wrote (its adapter, checkpoints, samples, logs), not other files.
-    Class images stay: they depend only on the model and the class prompt, and take long to make."""
-    previous = _read_json(output / RUN_FILE)
-    if previous is None:
-        return
-    name = (previous.get("identity") or {}).get("name") or ""
-    for entry in ("checkpoints", "samples", "logs", "diffusers", "loss.png", RUN_FILE):
-        _remove(output / entry)
-    for suffix in (".safetensors", ".preview.png", ".json"):
-        if name:
-            _remove(output / f"{name}{suffix}")
-
-
-def write_run(cfg: TrainConfig, **extra) -> None:
-    """Record which run owns the folder (main process only)."""
-    _write_json(Path(cfg.output) / RUN_FILE, {"identity": identity(cfg), **extra})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +82,7 @@ def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_fil
     root = Path(output) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process:
-        _remove(tmp)
+        remove(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # optimizer, fp16 loss scaler, each process's RNG state
@@ -267,15 +91,15 @@ def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_fil
         write_files(tmp)
         shutil.copyfile(Path(output) / RUN_FILE, tmp / RUN_FILE)
         save_file(state.lora(), str(tmp / LORA_FILE))
-        _write_json(tmp / STATE_FILE, {**state.summary(), "processes": accelerator.num_processes,
+        write_json(tmp / STATE_FILE, {**state.summary(), "processes": accelerator.num_processes,
                                        "lr_scheduler": scheduler.state_dict()})  # last: marks a complete folder
         _fsync_tree(tmp)
         if final.exists():
-            _remove(final)
+            remove(final)
         os.rename(tmp, final)
         _fsync_dir(root)
         for _, old in checkpoints(output)[:-keep]:
-            _remove(old)
+            remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -286,7 +110,7 @@ def verify(folder: Path) -> dict:
     a pickle that would run code is refused, not run."""
     from accelerate.utils import load as load_tensors
 
-    saved = _read_json(folder / STATE_FILE)
+    saved = read_json(folder / STATE_FILE)
     needs = {"step": int, "batches": int, "processes": int, "skipped": int, "streak": int, "losses": list,
              "lr_scheduler": dict}
     broken = [k for k, kind in needs.items() if not isinstance((saved or {}).get(k), kind)]
@@ -329,7 +153,7 @@ def remove_stale(output: str | os.PathLike) -> None:
     if root.is_dir():
         for entry in root.iterdir():
             if entry.name.startswith("."):
-                _remove(entry)
+                remove(entry)
 
 
 class TrainState:
@@ -388,7 +212,7 @@ class TrainState:
 # Small file helpers
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     """Delete a file or folder; a folder is first renamed to a hidden name, so a kill mid-delete leaves no
     half folder under a name that looks whole."""
     if path.is_dir() and not path.is_symlink():
@@ -406,14 +230,14 @@ def _one_line(e: Exception) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     from sd_lora.adapter import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())

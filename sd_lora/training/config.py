@@ -35,7 +35,8 @@ DEFAULT_PROMPT = "an image in the style of {token}"
 DEFAULT_LR = {"unet": 1e-4, "text_encoder": 5e-5}
 TINY_LR = {"unet": 1e-3, "text_encoder": 1e-3}
 MAX_SEED = 2**32 - 1
-RESERVED_NAME = "run"  # <output>/run.json (checkpoint.RUN_FILE) sits next to the adapter's <name>.json sidecar
+RESERVED_NAME = "run"  # not an adapter name: <output>/run.json sits next to the adapter's <name>.json sidecar
+RUN_FILE = f"{RESERVED_NAME}.json"  # which run owns the output folder (run_folder.py)
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
 
 CHOICES = {

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd_lora.training import checkpoint, host_memory, prepare, report
+from sd_lora.training import checkpoint, host_memory, prepare, report, run_folder
 from sd_lora.training.caches import (
     LatentCache,
     LiveLatents,
@@ -52,8 +52,8 @@ def train(config: TrainConfig, pipe=None) -> dict:
     records = scan_images(cfg.images, caption=cfg.prompt, token=cfg.token,  # before any model loads
                           exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p],  # what we write
                           **({} if main else {"warn": None}))
-    resume_from = checkpoint.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
-    checkpoint.check_writable(cfg)
+    resume_from = run_folder.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
+    run_folder.check_writable(cfg)
     pipe = pipe or prepare.load_model(cfg.model)
     accelerator = prepare.make_accelerator(cfg, notice=main)
     on_cpu, lock = accelerator.device.type == "cpu", None
@@ -61,8 +61,8 @@ def train(config: TrainConfig, pipe=None) -> dict:
         host_memory.keep_freed_memory()
     try:
         if main:  # held until the run ends: a second run in this folder is refused, not mixed in
-            lock = checkpoint.OutputLock(Path(cfg.output))
-            if checkpoint.check_folder(cfg) != resume_from:  # another run wrote here while the model loaded
+            lock = run_folder.OutputLock(Path(cfg.output))
+            if run_folder.check_folder(cfg) != resume_from:  # another run wrote here while the model loaded
                 raise UsageError(f"{cfg.output}: another run changed this folder while the model loaded; run again")
         result = _train(cfg, records, resume_from, accelerator, pipe)
         accelerator.end_training()
@@ -91,12 +91,12 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
     if resume_from is not None:
         trainer.resume(resume_from)
     if main:  # the run takes the folder over only now that everything has loaded
-        if cfg.overwrite or checkpoint.abandoned(out):  # a run killed before its first checkpoint left nothing
-            checkpoint.clear_previous_run(out)
+        if cfg.overwrite or run_folder.abandoned(out):  # a run killed before its first checkpoint left nothing
+            run_folder.clear_previous_run(out)
         checkpoint.remove_stale(out)
-        checkpoint.write_run(cfg, started=started)
+        run_folder.write_run(cfg, started=started)
     first = trainer.state.step
-    accelerator.init_trackers("sd-lora", config={k: _loggable(v) for k, v in checkpoint.identity(cfg).items()})
+    accelerator.init_trackers("sd-lora", config={k: _loggable(v) for k, v in run_folder.identity(cfg).items()})
     if main:
         print(report.screen("sd-lora: training a style LoRA", trainer.start_rows(resume_from)), flush=True)
         prepare.warn_long_captions(pipe.tokenizer, [r.caption for r in records + class_records])

@@ -1,0 +1,186 @@
+"""Which run owns an output folder: the settings that make a run the same run, the checks before anything loads
+(another run's folder, a run training there now, folders that cannot be written), the lock a training run holds, and
+--overwrite.
+
+    <output>/run.json          the settings that decide the adapter; a different run is refused
+    <output>/.sd-lora.lock     held (flock) by the main process of the run training there
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from sd_lora.training import checkpoint
+from sd_lora.training.checkpoint import read_json, remove, write_json
+from sd_lora.training.config import RUN_FILE, TrainConfig, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; two runs in one folder are not detected there
+    fcntl = None
+
+LOCK_FILE = ".sd-lora.lock"
+# The settings that decide what a run produces. Two runs that agree on all of them are the same run.
+IDENTITY = ("images", "token", "prompt", "class_prompt", "num_class_images", "prior_weight", "resolution", "flip",
+            "targets", "rank", "alpha", "text_encoder", "lr", "te_lr", "optimizer", "lr_scheduler", "warmup_steps",
+            "max_grad_norm", "steps", "epochs", "batch_size", "grad_accum", "seed", "min_snr_gamma", "noise_offset",
+            "model", "name")
+# A resumed run may train longer or shorter than the run it continues; everything else must match.
+RESUMABLE_CHANGES = ("steps", "epochs")
+
+
+def identity(cfg: TrainConfig) -> dict:
+    values = {name: getattr(cfg, name) for name in IDENTITY}
+    values["images"] = str(Path(cfg.images).expanduser().resolve())
+    return values
+
+
+def check_output(cfg: TrainConfig) -> Path | None:
+    """Before anything loads or is written: refuse an output folder that holds another run, or this run's
+    checkpoints, unless --resume or --overwrite says what to do with it; refuse a --resume with nothing to resume.
+    Returns the checkpoint to resume from, or None."""
+    check_unlocked(Path(cfg.output))
+    return check_folder(cfg)
+
+
+def check_folder(cfg: TrainConfig) -> Path | None:
+    """check_output without the lock check: the main process runs it again once it holds the lock."""
+    output = Path(cfg.output)
+    previous = read_json(output / RUN_FILE)
+    if cfg.resume is not None:
+        found = checkpoint.find_checkpoint(cfg.resume, output)
+        _check_same_run(cfg, read_json(found / RUN_FILE), where=str(found))
+        if previous is not None:
+            _check_same_run(cfg, previous, where=str(output))
+        step = checkpoint.verify(found)["step"]
+        if cfg.epochs is None and step >= cfg.steps:
+            raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
+                             f"pass --steps above {step} to train on")
+        return found
+    if previous is None or cfg.overwrite or abandoned(output):
+        return None
+    if previous.get("identity") != identity(cfg):
+        field = _first_difference(identity(cfg), previous.get("identity") or {})
+        resume = "--resume latest to continue that run, " if checkpoint.checkpoints(output) else ""
+        raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
+                         "choose another --output")
+    if checkpoint.checkpoints(output):
+        raise UsageError(f"{output} already holds this run, with checkpoints up to step {checkpoint.checkpoints(output)[-1][0]};"
+                         " pass --resume latest to continue it or --overwrite to start over")
+    return None
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """Before anything loads: the folders the run writes (--output, --cache-dir, a class-images folder still to be
+    made) can be made and written. A probe folder is created in the deepest existing parent and removed again."""
+    for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
+                         ("--class-images", cfg.class_images)):
+        if not folder:
+            continue
+        path = Path(folder).expanduser()
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+            raise UsageError(f"{flag} {folder}: {where}, not a folder")
+        if flag == "--class-images" and existing == path:
+            continue  # a full class-image folder is only read: it may be read-only
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sd-lora-probe-", dir=existing))
+        except OSError as e:
+            raise UsageError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict | None, where: str) -> None:
+    if saved is None:
+        raise UsageError(f"--resume: {where} has no {RUN_FILE}; it is not a checkpoint of an sd-lora run")
+    ours = {k: v for k, v in identity(cfg).items() if k not in RESUMABLE_CHANGES}
+    theirs = {k: v for k, v in (saved.get("identity") or {}).items() if k not in RESUMABLE_CHANGES}
+    if ours != theirs:
+        raise UsageError(f"--resume: {where} comes from a different run ({_first_difference(ours, theirs)}); "
+                         "only --steps and --epochs may change when resuming")
+
+
+def _first_difference(ours: dict, theirs: dict) -> str:
+    for key, value in ours.items():
+        if value != theirs.get(key):
+            return f"--{key.replace('_', '-')} {theirs.get(key)!r} there, {value!r} here"
+    return "its settings differ"
+
+
+def abandoned(output: Path) -> bool:
+    """The folder holds a run that stopped before its first checkpoint (killed, or failed early): nothing in it is
+    worth keeping, so a new run may take it over without --overwrite."""
+    previous = read_json(output / RUN_FILE)
+    if previous is None or checkpoint.checkpoints(output):
+        return False
+    name = (previous.get("identity") or {}).get("name") or ""
+    return not (name and (output / f"{name}.safetensors").exists())
+
+
+class OutputLock:
+    """The main process's claim on the output folder for as long as it trains: an exclusive flock on
+    <output>/.sd-lora.lock, which holds its process id. The kernel drops it when the process ends, however it ends,
+    so a killed run never leaves a stale lock."""
+
+    def __init__(self, output: Path):
+        output.mkdir(parents=True, exist_ok=True)
+        self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise UsageError(_locked_message(output)) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def check_unlocked(output: Path) -> None:
+    """Refuse an output folder another run is training in (its main process holds the lock)."""
+    if fcntl is None or not (output / LOCK_FILE).is_file():
+        return
+    try:
+        with open(output / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(_locked_message(output)) from None
+    except OSError:
+        return  # an unreadable lock file: the writability probe and the writes report the folder
+
+
+def _locked_message(output: Path) -> str:
+    try:
+        pid = (output / LOCK_FILE).read_text().strip()
+    except OSError:
+        pid = ""
+    who = f" (process {pid})" if pid.isdigit() else ""
+    return (f"{output}: another sd-lora run{who} is training in this folder; wait for it to finish, stop it, or "
+            "choose another --output")
+
+
+def clear_previous_run(output: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (its adapter, checkpoints, samples, logs), not other files.
+    Class images stay: they depend only on the model and the class prompt, and take long to make."""
+    previous = read_json(output / RUN_FILE)
+    if previous is None:
+        return
+    name = (previous.get("identity") or {}).get("name") or ""
+    for entry in ("checkpoints", "samples", "logs", "diffusers", "loss.png", RUN_FILE):
+        remove(output / entry)
+    for suffix in (".safetensors", ".preview.png", ".json"):
+        if name:
+            remove(output / f"{name}{suffix}")
+
+
+def write_run(cfg: TrainConfig, **extra) -> None:
+    """Record which run owns the folder (main process only)."""
+    write_json(Path(cfg.output) / RUN_FILE, {"identity": identity(cfg), **extra})
