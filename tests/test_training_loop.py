@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sd_lora
-from sd_lora.training import checkpoint, loop, prepare
+from sd_lora.training import checkpoint, loop, objective, prepare
 from sd_lora.training.config import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,8 +276,8 @@ def test_v_prediction_min_snr_and_noise_offset():
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     for kind in ("epsilon", "v_prediction"):
         scheduler = DDPMScheduler.from_config(tiny_config, prediction_type=kind)
-        plain = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0))
-        weighted = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0),
+        plain = objective.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0))
+        weighted = objective.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0),
                                        min_snr_gamma=5.0)
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(latents.shape, generator=g)
@@ -287,7 +287,7 @@ def test_v_prediction_min_snr_and_noise_offset():
         snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
         weight = snr.clamp(max=5.0) / (snr if kind == "epsilon" else snr + 1)
         torch.testing.assert_close(weighted, plain * weight)
-    offset = loop.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0), noise_offset=0.1)
+    offset = objective.diffusion_loss(zero, scheduler, latents, None, torch.Generator().manual_seed(0), noise_offset=0.1)
     assert not torch.equal(offset, plain)
 
 

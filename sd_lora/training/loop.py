@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sd_lora.training import checkpoint, host_memory, prepare, report, run_folder
 from sd_lora.training.caches import (
@@ -38,6 +37,7 @@ from sd_lora.training.caches import (
 )
 from sd_lora.training.config import TrainConfig, TrainingError, UsageError, valid_text
 from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
+from sd_lora.training.objective import diffusion_loss
 
 NAN_LIMIT = 10  # this many NaN/Inf steps in a row stop the run
 SAMPLE_STEPS = 25  # denoising steps for sample images
@@ -96,7 +96,7 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
         checkpoint.remove_stale(out)
         run_folder.write_run(cfg, started=started)
     first = trainer.state.step
-    accelerator.init_trackers("sd-lora", config={k: _loggable(v) for k, v in run_folder.identity(cfg).items()})
+    accelerator.init_trackers("sd-lora", config={k: report.loggable(v) for k, v in run_folder.identity(cfg).items()})
     if main:
         print(report.screen("sd-lora: training a style LoRA", trainer.start_rows(resume_from)), flush=True)
         prepare.warn_long_captions(pipe.tokenizer, [r.caption for r in records + class_records])
@@ -403,32 +403,3 @@ class Trainer:
             trainable=sum(p.numel() for p in self.params), precision=prepare.precision_text(self.accelerator),
             device=str(self.device), frozen_bytes=frozen, caching=f"{latents}; {text}",
             resume=str(resume_from) if resume_from else None)
-
-
-def _loggable(value):
-    """A run setting as trackers take it: numbers and booleans as they are, anything else as valid UTF-8 text (a
-    folder name with bytes that are not UTF-8 holds surrogates, which TensorBoard's writer cannot encode)."""
-    return value if isinstance(value, (int, float, bool)) else valid_text(str(value))
-
-
-def diffusion_loss(unet, scheduler, latents, cond, generator, min_snr_gamma=None, noise_offset=0.0) -> torch.Tensor:
-    """Per-sample denoising loss: noise the latents at random timesteps, predict what the scheduler's prediction
-    type asks (noise, velocity or the clean sample), mean squared error, optionally Min-SNR weighted."""
-    b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    kind = scheduler.config.prediction_type
-    target = {"epsilon": lambda: noise, "v_prediction": lambda: scheduler.get_velocity(latents, noise, t),
-              "sample": lambda: latents}[kind]()
-    pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        alpha = scheduler.alphas_cumprod.to(latents.device)[t].float()
-        snr = alpha / (1 - alpha)
-        weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
-        loss = loss * (1.0 if kind == "sample" else weight)
-    return loss

@@ -203,3 +203,9 @@ def sidecar(cfg: TrainConfig, family: str) -> dict:
     version = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(family, "Unknown")
     return {"description": f"Style LoRA for {cfg.token!r}, trained with sd-lora.", "sd version": version,
             "activation text": cfg.token, "preferred weight": 1.0, "notes": f"rank {cfg.rank}, {cfg.targets}"}
+
+
+def loggable(value):
+    """A run setting as trackers take it: numbers and booleans as they are, anything else as valid UTF-8 text (a
+    folder name with bytes that are not UTF-8 holds surrogates, which TensorBoard's writer cannot encode)."""
+    return value if isinstance(value, (int, float, bool)) else valid_text(str(value))
