@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env, style_args, style_folder, style_main
+from helpers import env, free_port, style_args, style_folder, style_main
 from helpers import train_config as config
 
 from sd_lora.training import UsageError, checkpoint, loop, run_folder
@@ -202,3 +202,15 @@ def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):
     assert checkpoint.find_checkpoint("latest", tmp_path / "out") == root / "step-4"
     checkpoint.remove_stale(tmp_path / "out")
     assert sorted(p.name for p in root.iterdir()) == ["step-4"]
+
+
+def test_a_bad_flag_under_a_multi_process_launch_is_reported_once(images, tmp_path):
+    """Every process parses the flags; only the main one says what is wrong (the launcher then adds its own
+    report of the failed processes)."""
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), str(STYLE), *style_args(images, tmp_path / "out", "--rank", "0")],
+        check=False, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("style.py: error: ") == 1 and "--rank" in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ gets one line saying what can be resumed, and exit code 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,10 +19,13 @@ if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora`
 
 from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args, valid_text
 
+# Under `accelerate launch` every process parses the same flags: only the main one reports a bad flag.
+_MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage plus the error; one line is easier to read in logs
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if _MAIN_PROCESS else None)
 
 
 def parse(argv: list[str] | None = None):
@@ -34,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = parse(argv)
+    except UsageError as e:
+        if _MAIN_PROCESS:
+            print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
+        return 2
+    try:
         from sd_lora.training import train
 
         train(config)
