@@ -187,7 +187,6 @@ class Trainer:
         self.class_sampler = BucketSampler([r.bucket for r in class_records], cfg.batch_size, cfg.seed + 1,
                                            cfg.flip, rank=rank, world_size=world) if class_records else None
         self.images_per_step = cfg.batch_size * cfg.grad_accum * world
-        self.epoch_steps = len(self.sampler) / (cfg.grad_accum * world)
         self.state = checkpoint.TrainState(self.models, cfg.seed, rank, batches_per_step=cfg.grad_accum * world)
         self.total_steps = self._total_steps()
 
@@ -207,6 +206,10 @@ class Trainer:
             return self.cfg.steps
         left = max(0.0, self.cfg.epochs * len(self.sampler) - self.state.batches)
         return self.state.step + math.ceil(left / self.state.batches_per_step)
+
+    def planned_batches(self) -> int:
+        """Global batches the whole run trains on (those a resumed run's checkpoint trained on included)."""
+        return self.state.batches + (self.total_steps - self.state.step) * self.state.batches_per_step
 
     def _cache_latents(self, cfg, pipe, records, class_records) -> None:
         bar = prepare.progress_bar(len(records + class_records) * (2 if cfg.flip else 1), 0,
@@ -363,7 +366,7 @@ class Trainer:
         tags = tag_frequency(self.records, self.cfg.images) if self.cfg.dataset_metadata else None
         metadata = report.adapter_metadata(
             self.cfg, resolution=self.resolution, images=len(self.records), class_images=len(self.class_records),
-            steps=self.state.step, epochs=self.state.step / self.epoch_steps, started=started,
+            steps=self.state.step, epochs=self.state.batches / len(self.sampler), started=started,
             finished=time.time(), precision=self.accelerator.mixed_precision,
             processes=self.accelerator.num_processes, tag_frequency=tags)
         sd_lora.save_adapter(self.lora.export(self.cfg.name), path, format="kohya", metadata=metadata)
@@ -399,7 +402,8 @@ class Trainer:
             self.cfg, images=len(self.records), buckets=bucket_counts(self.records),
             sidecars=sum(1 for r in self.records if r.sidecar is not None),
             class_images=len(self.class_records), steps=self.total_steps, start_step=self.state.step,
-            epochs=self.total_steps / self.epoch_steps, processes=self.accelerator.num_processes, modules=modules,
+            epochs=self.planned_batches() / len(self.sampler), processes=self.accelerator.num_processes,
+            modules=modules,
             trainable=sum(p.numel() for p in self.params), precision=prepare.precision_text(self.accelerator),
             device=str(self.device), frozen_bytes=frozen, caching=f"{latents}; {text}",
             resume=str(resume_from) if resume_from else None)

@@ -61,14 +61,15 @@ def check_folder(cfg: TrainConfig) -> Path | None:
         return found
     if previous is None or cfg.overwrite or abandoned(output):
         return None
+    saved = checkpoint.checkpoints(output)
     if previous.get("identity") != identity(cfg):
         field = _first_difference(identity(cfg), previous.get("identity") or {})
-        resume = "--resume latest to continue that run, " if checkpoint.checkpoints(output) else ""
+        resume = "--resume latest to continue that run, " if saved else ""
         raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
                          "choose another --output")
-    if checkpoint.checkpoints(output):
-        raise UsageError(f"{output} already holds this run, with checkpoints up to step {checkpoint.checkpoints(output)[-1][0]};"
-                         " pass --resume latest to continue it or --overwrite to start over")
+    if saved:
+        raise UsageError(f"{output} already holds this run, with checkpoints up to step {saved[-1][0]}; pass "
+                         "--resume latest to continue it or --overwrite to start over")
     return None
 
 
@@ -125,8 +126,11 @@ class OutputLock:
     so a killed run never leaves a stale lock."""
 
     def __init__(self, output: Path):
-        output.mkdir(parents=True, exist_ok=True)
-        self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
+        except OSError as e:
+            raise UsageError(f"{output}: cannot make its lock file {LOCK_FILE} ({e.strerror or e})") from None
         if fcntl is None:
             return
         try:
