@@ -92,6 +92,9 @@ BAD = [
     ({"prior_weight": -1.0}, "--prior-weight"),
     ({"seed": -1}, "--seed"),
     ({"token": " "}, "--token: must not be empty"),
+    ({"output": ""}, "--output: must not be empty"),  # wrote to output/<name> in the working folder
+    ({"cache_dir": ""}, "--cache-dir: must not be empty"),
+    ({"model": " "}, "--model: must not be empty"),
     ({"name": "a/b"}, "--name: must be usable as a file name"),
     ({"images": ""}, "--images: a folder of training images is required"),
     ({"class_images": "cls"}, "--class-images: needs --class-prompt"),

@@ -39,6 +39,11 @@ def a_copy(trained, tmp_path: Path) -> tuple[Path, Path]:
     return out, out / "checkpoints" / "step-2"
 
 
+def edit_state(folder: Path, **changes) -> None:
+    path = folder / checkpoint.STATE_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 class Planted:
     """Unpickling this touches a file: what a malicious checkpoint would do instead."""
 
@@ -67,6 +72,10 @@ def test_resume_never_unpickles_code_in_a_checkpoint(trained, tmp_path, capsys, 
     (lambda step: (step / checkpoint.LORA_FILE).unlink(), f"{checkpoint.LORA_FILE}: cannot be read"),
     (lambda step: (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "loss": 0.5})),  # an old layout
      f"{checkpoint.STATE_FILE}: not a readable sd-lora trainer state (no valid batches, processes"),
+    (lambda step: edit_state(step, step=-1), "not a readable sd-lora trainer state (no valid step, "),
+    (lambda step: edit_state(step, losses=["a"] * 4), "not a readable sd-lora trainer state (no valid losses)"),
+    (lambda step: (step / checkpoint.STATE_FILE).write_text("[1]"), "not a readable sd-lora trainer state"),
+    (lambda step: (step / checkpoint.OPTIMIZER_FILE).unlink(), f"{checkpoint.OPTIMIZER_FILE}: missing"),
 ])
 def test_a_broken_checkpoint_is_one_line_before_the_model_loads(trained, tmp_path, capsys, no_model, damage,
                                                                   message):
@@ -76,17 +85,86 @@ def test_a_broken_checkpoint_is_one_line_before_the_model_loads(trained, tmp_pat
     assert code == 2 and message in err and "step-4" in err, err
 
 
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
 def test_a_checkpoint_of_another_network_is_refused_and_nothing_is_written(trained, tmp_path, capsys):
-    """The shapes match run.json's claims only if nobody edited it: a step-2 LoRA file of rank 8 gets one line."""
+    """The shapes match run.json's claims only if nobody edited it: a step-2 LoRA file of rank 8 gets one line,
+    found once the model has loaded; neither the run's folder nor a new --output is touched."""
     out, step = a_copy(trained, tmp_path)
     lora = load_file(str(step / checkpoint.LORA_FILE))
     save_file({k: torch.zeros(8, v.shape[1]) if v.shape[0] == 4 else v for k, v in lora.items()},
-                         str(step / checkpoint.LORA_FILE))
-    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != run_folder.RUN_FILE)
-    code, err = style_main(style_args(trained[0], out, "--resume", str(step), "--steps", "6", "--sample-every",
-                                      "0", "--save-every", "0"), capsys, model_loads=True)
-    assert code == 2 and "the checkpoint holds another network" in err
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != run_folder.RUN_FILE) == before
+              str(step / checkpoint.LORA_FILE))
+    before = listing(out)
+    for target in (out, tmp_path / "elsewhere"):
+        code, err = style_main(style_args(trained[0], target, "--resume", str(step), "--steps", "6",
+                                          "--sample-every", "0", "--save-every", "0"), capsys, model_loads=True)
+        assert code == 2 and "the checkpoint holds another network" in err
+    assert listing(out) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_resuming_an_earlier_checkpoint_drops_the_later_ones(trained, tmp_path, capsys):
+    """Going back to step 2 of a run that reached step 4 starts a new history: step-4 of the old one would be taken
+    for this run's by --resume latest (and --keep-checkpoints deleted the checkpoint it resumed from instead)."""
+    out, step = a_copy(trained, tmp_path)
+    loop.train(config(trained[0], out, steps=3, save_every=2, resume=str(step)))
+    assert "note: --resume from step 2: removed the later checkpoints of the run it goes back on (step-4)" in \
+        capsys.readouterr().err
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [2, 3]
+    assert checkpoint.find_checkpoint("latest", out).name == "step-3"
+
+
+def test_a_resume_with_epochs_already_trained_is_refused(trained, tmp_path, capsys):
+    """4 steps of one image each over 4 images is one epoch: --epochs 1 leaves nothing, as --steps 4 does."""
+    out, _ = a_copy(trained, tmp_path)
+    before = listing(out)
+    code, err = style_main(style_args(trained[0], out, "--resume", "latest", "--epochs", "1"), capsys,
+                           model_loads=True)
+    assert code == 2 and err.endswith("has trained 1 epochs (step 4), and --epochs 1 leaves nothing to train; pass "
+                                      "more --epochs to train on")
+    assert listing(out) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "a list"])
+def test_a_folder_whose_run_json_is_lost_is_not_taken_over(trained, tmp_path, capsys, no_model, damage):
+    """With run.json gone, another run took the folder over without --overwrite, mixing its checkpoints with the
+    old run's. The checkpoints' own copies still say whose they are; an adapter alone is not replaced either."""
+    out, _ = a_copy(trained, tmp_path)
+    run = out / run_folder.RUN_FILE
+    if damage == "missing":
+        run.unlink()
+    else:
+        run.write_text("garbage{" if damage == "garbage" else "[]")
+    code, err = style_main(style_args(trained[0], out, "--rank", "8", "--steps", "2"), capsys)
+    assert code == 2 and err.endswith(f"{out} holds a different run (--rank 4 there, 8 here); pass --resume latest "
+                                      "to continue that run, --overwrite to replace it, or choose another --output")
+    shutil.rmtree(out / "checkpoints")
+    code, err = style_main(style_args(trained[0], out, "--rank", "8", "--steps", "2"), capsys)
+    assert code == 2 and err.endswith(f"{out} holds inkwash.safetensors but no readable run.json to say which run "
+                                      "made them; pass --overwrite to replace them, or choose another --output")
+
+
+def test_the_output_cannot_be_the_images_folder(trained, tmp_path, capsys, no_model):
+    """Its previews, samples and checkpoints would be trained on when the run is resumed."""
+    code, err = style_main(style_args(trained[0], trained[0], "--steps", "2"), capsys)
+    assert code == 2 and err.endswith(f"--output {trained[0]} is the --images folder: what the run writes there "
+                                      "would become training data; choose another folder")
+
+
+@pytest.mark.parametrize("planted", ["a link to a file", "a folder"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_untouched(trained, tmp_path, capsys, no_model, planted):
+    """The lock used to be opened through a symlink and truncated: a planted link emptied its target."""
+    out, precious = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    precious.write_text("keep me")
+    if planted == "a folder":
+        (out / run_folder.LOCK_FILE).mkdir()
+    else:
+        (out / run_folder.LOCK_FILE).symlink_to(precious)
+    code, err = style_main(style_args(trained[0], out, "--steps", "2"), capsys)
+    assert code == 2 and f"{out / run_folder.LOCK_FILE}: cannot be used as the run's lock file" in err
+    assert precious.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("steps", ["4", "3"])

@@ -21,18 +21,20 @@ import math
 import os
 import re
 import shutil
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from sd_lora.training.config import RUN_FILE, UsageError
+from sd_lora.training.config import RUN_FILE, UsageError, valid_text
 
 STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; step, losses, schedule, data position
 LORA_FILE = "trainer_lora.safetensors"  # the LoRA weights in fp32 (the adapter beside it is fp16)
+OPTIMIZER_FILE = "optimizer.bin"  # accelerate's name for the (first) optimizer's state
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -90,7 +92,7 @@ def save(accelerator, output: str | os.PathLike, step: int, keep: int, write_fil
     if accelerator.is_main_process:
         write_files(tmp)
         shutil.copyfile(Path(output) / RUN_FILE, tmp / RUN_FILE)
-        save_file(state.lora(), str(tmp / LORA_FILE))
+        (tmp / LORA_FILE).write_bytes(safetensors.torch.save(state.lora()))
         write_json(tmp / STATE_FILE, {**state.summary(), "processes": accelerator.num_processes,
                                        "lr_scheduler": scheduler.state_dict()})  # last: marks a complete folder
         _fsync_tree(tmp)
@@ -110,41 +112,82 @@ def verify(folder: Path) -> dict:
     a pickle that would run code is refused, not run."""
     from accelerate.utils import load as load_tensors
 
-    saved = read_json(folder / STATE_FILE)
-    needs = {"step": int, "batches": int, "processes": int, "skipped": int, "streak": int, "losses": list,
-             "lr_scheduler": dict}
-    broken = [k for k, kind in needs.items() if not isinstance((saved or {}).get(k), kind)]
-    if broken:
+    saved = read_json(folder / STATE_FILE) or {}
+    problems = [k for k, ok in _STATE_CHECKS.items() if not _holds(ok, saved)]
+    if problems:
         raise UsageError(f"--resume: {folder / STATE_FILE}: not a readable sd-lora trainer state (no valid "
-                         f"{', '.join(broken)}); resume from another checkpoint")
-    try:
-        with safe_open(str(folder / LORA_FILE), "pt") as f:
-            list(f.keys())
-    except Exception as e:  # noqa: BLE001 - missing, truncated, not safetensors: one message
-        raise UsageError(f"--resume: {folder / LORA_FILE}: cannot be read ({_one_line(e)})") from None
+                         f"{', '.join(problems)}); resume from another checkpoint")
+    _read_lora(folder)
+    if not (folder / OPTIMIZER_FILE).is_file():
+        raise UsageError(f"--resume: {folder / OPTIMIZER_FILE}: missing; resume from another checkpoint")
     for path in sorted(folder.iterdir()):
         if path.suffix in (".bin", ".pkl", ".pt"):
             try:
-                load_tensors(path, map_location="cpu")
+                with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+                    warnings.simplefilter("ignore")
+                    load_tensors(path, map_location="cpu")
             except Exception as e:  # noqa: BLE001
                 raise UsageError(f"--resume: {path}: cannot be read as weights-only tensors ({_one_line(e)}); it is "
                                  "corrupt, or a pickle that could run code, and is not loaded") from None
     return saved
 
 
+def _holds(ok: Callable[[dict], bool], saved: dict) -> bool:
+    try:
+        return bool(ok(saved))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
+def _number(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+_STATE_CHECKS: dict[str, Callable[[dict], bool]] = {  # what a trainer_state.json must hold, field by field
+    "step": lambda d: type(d["step"]) is int and d["step"] >= 0,
+    "batches": lambda d: type(d["batches"]) is int and d["batches"] >= d["step"],
+    "processes": lambda d: type(d["processes"]) is int and d["processes"] >= 1,
+    "skipped": lambda d: type(d["skipped"]) is int and 0 <= d["skipped"] <= d["step"],
+    "streak": lambda d: type(d["streak"]) is int and 0 <= d["streak"] <= d["skipped"],
+    "losses": lambda d: len(d["losses"]) == d["step"] and all(map(_number, d["losses"])),
+    "lr_scheduler": lambda d: d["lr_scheduler"]["last_epoch"] == d["step"]
+    and all(map(_number, d["lr_scheduler"]["base_lrs"])),
+}
+
+
+def _read_lora(folder: Path) -> dict[str, torch.Tensor]:
+    """trainer_lora.safetensors, read as bytes (safetensors' own file functions need UTF-8 path names)."""
+    try:
+        tensors = safetensors.torch.load((folder / LORA_FILE).read_bytes())
+    except Exception as e:  # noqa: BLE001 - missing, truncated, not safetensors: one message
+        raise UsageError(f"--resume: {folder / LORA_FILE}: cannot be read ({_one_line(e)})") from None
+    if not tensors or any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors.values()):
+        raise UsageError(f"--resume: {folder / LORA_FILE}: does not hold finite fp32 LoRA weights")
+    return tensors
+
+
 def load(accelerator, folder: Path, state: TrainState, scheduler) -> dict:
     """Restore a checkpoint `verify` accepted: accelerate's state, the LoRA weights, step and schedule. Returns its
     trainer_state.json."""
     saved = verify(folder)
+    state.restore(saved, _read_lora(folder))  # first: a checkpoint of another network gets its own message
     try:
         accelerator.load_state(str(folder))
-        state.restore(saved, load_file(str(folder / LORA_FILE)))
         scheduler.load_state_dict(saved["lr_scheduler"])
-    except UsageError:
-        raise
     except Exception as e:  # noqa: BLE001 - the checkpoint does not fit this run; say which and why
         raise UsageError(f"--resume: {folder}: cannot be loaded into this run ({_one_line(e)})") from None
     return saved
+
+
+def drop_after(output: str | os.PathLike, step: int) -> None:
+    """A run resumed from step `step` starts a new history there: checkpoints of the old one past that step would
+    be taken for this run's by --resume latest, so they go (with a note on stderr)."""
+    later = [(s, folder) for s, folder in checkpoints(output) if s > step]
+    for _, folder in later:
+        remove(folder)
+    if later:
+        print(valid_text(f"note: --resume from step {step}: removed the later checkpoints of the run it goes back "
+                         f"on ({', '.join(folder.name for _, folder in later)})"), file=sys.stderr, flush=True)
 
 
 def remove_stale(output: str | os.PathLike) -> None:
@@ -225,16 +268,19 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: Exception, limit: int = 200) -> str:
     lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object from a file; None when it is missing, unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -142,7 +142,7 @@ class TrainConfig:
         if self.resolution is not None:
             _require(self, "resolution", self.resolution > 0 and self.resolution % 8 == 0,
                      "must be a positive multiple of 8")
-        for name in ("token", "name"):
+        for name in ("token", "name", "images", "output", "cache_dir", "class_images", "model"):
             value = getattr(self, name)
             _require(self, name, value is None or value.strip() != "", "must not be empty")
         if self.name is not None:

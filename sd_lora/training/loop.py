@@ -49,6 +49,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
     cfg = config.resolved()
     prepare.check_extras(cfg)
     main = os.environ.get("RANK", "0") == "0"
+    run_folder.check_apart(cfg)
     records = scan_images(cfg.images, caption=cfg.prompt, token=cfg.token,  # before any model loads
                           exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p],  # what we write
                           **({} if main else {"warn": None}))
@@ -62,8 +63,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
     try:
         if main:  # held until the run ends: a second run in this folder is refused, not mixed in
             lock = run_folder.OutputLock(Path(cfg.output))
-            if run_folder.check_folder(cfg) != resume_from:  # another run wrote here while the model loaded
-                raise UsageError(f"{cfg.output}: another run changed this folder while the model loaded; run again")
+            run_folder.check_folder(cfg)  # again, under the lock: another run may have written here meanwhile
         result = _train(cfg, records, resume_from, accelerator, pipe)
         accelerator.end_training()
         return result
@@ -92,8 +92,10 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
         trainer.resume(resume_from)
     if main:  # the run takes the folder over only now that everything has loaded
         if cfg.overwrite or run_folder.abandoned(out):  # a run killed before its first checkpoint left nothing
-            run_folder.clear_previous_run(out)
+            run_folder.clear_previous_run(out, cfg.name)
         checkpoint.remove_stale(out)
+        if resume_from is not None:  # going back to an earlier checkpoint drops the later ones
+            checkpoint.drop_after(out, trainer.state.step)
         run_folder.write_run(cfg, started=started)
     first = trainer.state.step
     accelerator.init_trackers("sd-lora", config={k: report.loggable(v) for k, v in run_folder.identity(cfg).items()})
@@ -231,6 +233,10 @@ class Trainer:
         original run would have drawn; say so."""
         saved = checkpoint.load(self.accelerator, folder, self.state, self.lr_scheduler)
         self.restart_batches()
+        if self.cfg.epochs is not None and self._total_steps() <= self.state.step:
+            raise UsageError(f"--resume: {folder} has trained {self.state.batches / len(self.sampler):.3g} epochs "
+                             f"(step {self.state.step}), and --epochs {self.cfg.epochs} leaves nothing to train; "
+                             "pass more --epochs to train on")
         if self.cfg.epochs is not None and self._total_steps() != self.total_steps:
             self.total_steps = self._total_steps()
             self.lr_scheduler.lr_lambdas = [prepare.lr_factor(self.cfg.lr_scheduler, self.cfg.warmup_steps,

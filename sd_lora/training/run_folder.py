@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -34,6 +36,9 @@ RESUMABLE_CHANGES = ("steps", "epochs")
 def identity(cfg: TrainConfig) -> dict:
     values = {name: getattr(cfg, name) for name in IDENTITY}
     values["images"] = str(Path(cfg.images).expanduser().resolve())
+    model = Path(cfg.model).expanduser()
+    if cfg.model != "tiny" and model.exists():  # a folder or file: ./sd15, sd15/ and /abs/sd15 are one model
+        values["model"] = str(model.resolve())
     return values
 
 
@@ -48,7 +53,7 @@ def check_output(cfg: TrainConfig) -> Path | None:
 def check_folder(cfg: TrainConfig) -> Path | None:
     """check_output without the lock check: the main process runs it again once it holds the lock."""
     output = Path(cfg.output)
-    previous = read_json(output / RUN_FILE)
+    previous = owner(output)
     if cfg.resume is not None:
         found = checkpoint.find_checkpoint(cfg.resume, output)
         _check_same_run(cfg, read_json(found / RUN_FILE), where=str(found))
@@ -59,11 +64,18 @@ def check_folder(cfg: TrainConfig) -> Path | None:
             raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
                              f"pass --steps above {step} to train on")
         return found
-    if previous is None or cfg.overwrite or abandoned(output):
-        return None
     saved = checkpoint.checkpoints(output)
+    if cfg.overwrite or (previous is not None and abandoned(output)):
+        return None
+    if previous is None:
+        held = "checkpoints" if saved else f"{cfg.name}.safetensors" if (output / f"{cfg.name}.safetensors").exists() \
+            else None
+        if held:
+            raise UsageError(f"{output} holds {held} but no readable {RUN_FILE} to say which run made them; pass "
+                             "--overwrite to replace them, or choose another --output")
+        return None
     if previous.get("identity") != identity(cfg):
-        field = _first_difference(identity(cfg), previous.get("identity") or {})
+        field = _first_difference(identity(cfg), _recorded(previous))
         resume = "--resume latest to continue that run, " if saved else ""
         raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
                          "choose another --output")
@@ -71,6 +83,28 @@ def check_folder(cfg: TrainConfig) -> Path | None:
         raise UsageError(f"{output} already holds this run, with checkpoints up to step {saved[-1][0]}; pass "
                          "--resume latest to continue it or --overwrite to start over")
     return None
+
+
+def check_apart(cfg: TrainConfig) -> None:
+    """The folders the run writes are not the images folder: its previews, samples and checkpoints would become
+    training data (folders inside it are left out of the scan instead)."""
+    images = Path(cfg.images).expanduser().resolve()
+    for flag, folder in (("--output", cfg.output), ("--cache-dir", cfg.cache_dir),
+                         ("--class-images", cfg.class_images)):
+        if folder and Path(folder).expanduser().resolve() == images:
+            raise UsageError(f"{flag} {folder} is the --images folder: what the run writes there would become "
+                             "training data; choose another folder")
+
+
+def owner(output: Path) -> dict | None:
+    """The run that owns the folder: its run.json, or, when that is missing or unreadable, the copy in its newest
+    checkpoint that has one."""
+    found = read_json(output / RUN_FILE)
+    for _, folder in reversed(checkpoint.checkpoints(output)):
+        if found is not None:
+            break
+        found = read_json(folder / RUN_FILE)
+    return found
 
 
 def check_writable(cfg: TrainConfig) -> None:
@@ -97,10 +131,16 @@ def _check_same_run(cfg: TrainConfig, saved: dict | None, where: str) -> None:
     if saved is None:
         raise UsageError(f"--resume: {where} has no {RUN_FILE}; it is not a checkpoint of an sd-lora run")
     ours = {k: v for k, v in identity(cfg).items() if k not in RESUMABLE_CHANGES}
-    theirs = {k: v for k, v in (saved.get("identity") or {}).items() if k not in RESUMABLE_CHANGES}
+    theirs = {k: v for k, v in _recorded(saved).items() if k not in RESUMABLE_CHANGES}
     if ours != theirs:
         raise UsageError(f"--resume: {where} comes from a different run ({_first_difference(ours, theirs)}); "
                          "only --steps and --epochs may change when resuming")
+
+
+def _recorded(run: dict) -> dict:
+    """The settings a run.json records ({} when it holds none)."""
+    settings = run.get("identity")
+    return settings if isinstance(settings, dict) else {}
 
 
 def _first_difference(ours: dict, theirs: dict) -> str:
@@ -116,49 +156,64 @@ def abandoned(output: Path) -> bool:
     previous = read_json(output / RUN_FILE)
     if previous is None or checkpoint.checkpoints(output):
         return False
-    name = (previous.get("identity") or {}).get("name") or ""
+    name = _recorded(previous).get("name") or ""
     return not (name and (output / f"{name}.safetensors").exists())
 
 
 class OutputLock:
     """The main process's claim on the output folder for as long as it trains: an exclusive flock on
     <output>/.sd-lora.lock, which holds its process id. The kernel drops it when the process ends, however it ends,
-    so a killed run never leaves a stale lock."""
+    so a killed run never leaves a stale lock. A folder made only to hold the lock is removed again on release()."""
 
     def __init__(self, output: Path):
+        self.output, self.made = output, not output.exists()
         try:
             output.mkdir(parents=True, exist_ok=True)
-            self.file = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release()
+            self.fd = _open_lock(output, os.O_RDWR | os.O_CREAT)
         except OSError as e:
-            raise UsageError(f"{output}: cannot make its lock file {LOCK_FILE} ({e.strerror or e})") from None
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise UsageError(_locked_message(output)) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+            raise UsageError(f"{output / LOCK_FILE}: cannot be used as the run's lock file ({e.strerror or e})") \
+                from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise UsageError(_locked_message(output)) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        self.file.close()
+        if self.made and os.listdir(self.output) == [LOCK_FILE]:  # the run failed before writing anything
+            os.unlink(self.output / LOCK_FILE)
+            os.rmdir(self.output)
+        os.close(self.fd)
+
+
+def _open_lock(output: Path, flags: int) -> int:
+    """The lock file, never through a symlink (a planted link would have its target overwritten), and only a
+    regular file."""
+    fd = os.open(output / LOCK_FILE, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
 
 
 def check_unlocked(output: Path) -> None:
     """Refuse an output folder another run is training in (its main process holds the lock)."""
-    if fcntl is None or not (output / LOCK_FILE).is_file():
+    if fcntl is None or not os.path.lexists(output / LOCK_FILE):
         return
     try:
-        with open(output / LOCK_FILE) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(_locked_message(output)) from None
-    except OSError:
-        return  # an unreadable lock file: the writability probe and the writes report the folder
+        fd = _open_lock(output, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"{output / LOCK_FILE}: cannot be used as the run's lock file ({e.strerror or e}); "
+                         "remove it") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(_locked_message(output)) from None
+    finally:
+        os.close(fd)
 
 
 def _locked_message(output: Path) -> str:
@@ -171,18 +226,16 @@ def _locked_message(output: Path) -> str:
             "choose another --output")
 
 
-def clear_previous_run(output: Path) -> None:
+def clear_previous_run(output: Path, name: str) -> None:
     """--overwrite: remove what an earlier run wrote (its adapter, checkpoints, samples, logs), not other files.
-    Class images stay: they depend only on the model and the class prompt, and take long to make."""
-    previous = read_json(output / RUN_FILE)
-    if previous is None:
-        return
-    name = (previous.get("identity") or {}).get("name") or ""
+    `name`: this run's adapter name; the earlier run's comes from its run.json. Class images stay: they depend only
+    on the model and the class prompt, and take long to make."""
+    previous = owner(output) or {}
     for entry in ("checkpoints", "samples", "logs", "diffusers", "loss.png", RUN_FILE):
         remove(output / entry)
-    for suffix in (".safetensors", ".preview.png", ".json"):
-        if name:
-            remove(output / f"{name}{suffix}")
+    for old in {name, _recorded(previous).get("name") or name}:
+        for suffix in (".safetensors", ".preview.png", ".json"):
+            remove(output / f"{old}{suffix}")
 
 
 def write_run(cfg: TrainConfig, **extra) -> None:
