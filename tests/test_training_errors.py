@@ -174,7 +174,9 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_on_stderr(images, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_says_what_can_be_resumed_in_one_line(images, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_says_what_can_be_resumed_in_one_line(images, tmp_path, sig, code):
+    """SIGTERM is how job schedulers preempt a run: it used to end with no word (exit 143) on what to resume."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(STYLE), *style_args(images, out, "--steps", "100000",
                                                                      "--save-every", "3", "--sample-every", "0")],
@@ -182,9 +184,9 @@ def test_ctrl_c_says_what_can_be_resumed_in_one_line(images, tmp_path):
     deadline = time.time() + 240
     while not (out / "checkpoints" / "step-3").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == code and "Traceback" not in err
     last = err.strip().splitlines()[-1].split("\r")[-1]
     assert last.startswith("style.py: interrupted; checkpoints up to step ") and "--resume latest" in last
     step = int(last.split("up to step ")[1].split()[0])

@@ -4,14 +4,16 @@
 
 Thin on purpose: flags -> sd_lora.training.TrainConfig -> sd_lora.training.train. Bad flags and bad input get one
 line on stderr and exit code 2; a run that cannot go on (the loss stayed NaN) gets one line and exit code 1; Ctrl-C
-gets one line saying what can be resumed, and exit code 130.
+(exit code 130) and SIGTERM (143) get one line saying what can be resumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
@@ -34,8 +36,18 @@ def parse(argv: list[str] | None = None):
     return config_from_args(add_arguments(parser).parse_args(argv)).validate()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler preempting the run, `kill`): stopped as Ctrl-C stops it."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     config = None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         config = parse(argv)
     except UsageError as e:
@@ -46,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         from sd_lora.training import train
 
         train(config)
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are whole (written atomically), so say how to go on
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: checkpoints are whole (written atomically): say how to go on
         print(_interrupted(config), file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except UsageError as e:
         print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
         return 2
