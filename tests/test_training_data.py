@@ -113,7 +113,7 @@ def test_an_image_whose_caption_cannot_be_read_is_skipped_with_one_warning(tmp_p
     records = scan_images(tmp_path, caption=PROMPT, token="mozart", warn=lines.append)
     assert [r.path.name for r in records] == ["a.png"]
     assert lines == ["warning: skipped b.png: unreadable caption (b.txt: Input/output error)",
-                     "warning: skipped 1 of 2 files (1 unreadable caption); using 1 images"]
+                     "warning: skipped 1 of 2 files (1 unreadable caption); using 1 image"]
 
 
 def test_bad_files_get_one_warning_line_each_then_a_summary(messy, capsys):
@@ -438,6 +438,47 @@ def test_symlinked_folders_are_followed_and_each_real_folder_is_read_once(tmp_pa
     assert lines == ["warning: skipped gone.png: unreadable (a broken symlink)",
                      "warning: skipped 1 of 6 files (1 unreadable); using 5 images"]
     assert count_usable_images(root) == 6  # no exclude here: lora/preview.png counts, once
+
+
+def test_excluded_folders_reached_through_a_link_are_skipped(tmp_path):
+    """`--output runs/out` with a link `mozart_art/outs -> runs/out`: the run does not train on its own previews and
+    samples, through that link, one to a folder under it, or one to a folder holding it. A link to a folder that
+    does not exist yet is a broken symlink, like a broken link to a file."""
+    root, runs = tmp_path / "mozart_art", tmp_path / "runs"
+    (runs / "out" / "samples").mkdir(parents=True)
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "own.png")
+    Image.new("RGB", (8, 8)).save(runs / "kept.png")
+    for name in ("preview.png", "samples/step-100.png"):
+        Image.new("RGB", (8, 8)).save(runs / "out" / name)
+    (root / "outs").symlink_to(runs / "out")
+    (root / "samples").symlink_to(runs / "out" / "samples")
+    (root / "runs").symlink_to(runs)
+    (root / "later").symlink_to(runs / "not_yet")
+    lines = []
+    records = scan_images(root, caption=PROMPT, warn=lines.append, exclude=[runs / "out", root, tmp_path])
+    assert [r.path.relative_to(root).as_posix() for r in records] == ["own.png", "runs/kept.png"]
+    assert lines == ["warning: skipped later: unreadable (a broken symlink)",
+                     "warning: skipped 1 of 3 files (1 unreadable); using 2 images"]
+    assert len(scan_images(root, caption=PROMPT, warn=None)) == 4  # without exclude, the output is read, once
+
+
+def test_a_link_to_an_ancestor_adds_nothing(tmp_path):
+    """`ln -s .. mozart_art/up` or `ln -s ~ mozart_art/home` would pull in every sibling folder of the images folder
+    (all of $HOME); such links, and one to the images folder itself, are not followed."""
+    root = tmp_path / "home" / "me" / "mozart_art"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "home" / "me" / "documents").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "sub" / "own.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "home" / "me" / "documents" / "scan.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "home" / "me" / "photo.png")
+    (root / "up").symlink_to("..")
+    (root / "sub" / "home").symlink_to(tmp_path / "home")
+    (root / "sub" / "again").symlink_to(root)
+    lines = []
+    records = scan_images(root, caption=PROMPT, warn=lines.append)
+    assert [r.path.relative_to(root).as_posix() for r in records] == ["sub/own.png"] and lines == []
+    assert count_usable_images(root) == 1
 
 
 def test_full_image_name_sidecars_caption_their_image(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.atomic import atomic_write_bytes
-from sd_lora.training.data import ImageRecord, Key, pixels
+from sd_lora.training.data import ImageRecord, Key, _one_line, _stderr, pixels
 
 CACHE_VERSION = 1  # bump when the pixels fed to the VAE change for the same file
 
@@ -62,11 +62,16 @@ class LiveLatents:
 class LatentCache:
     """Latent parameters for every (image, flip), encoded once up front: in RAM, or under `cache_dir` as one
     safetensors file per image and flip, named by a hash of the file's bytes, the bucket and the VAE, so a changed
-    image or model never reuses a stale entry. Files are written atomically; a killed run leaves no half file."""
+    image or model never reuses a stale entry. Files are written atomically; a killed run leaves no half file.
+
+    A file that cannot be read (truncated, garbage, wrong shape, gone) is only a cache miss: its image is encoded
+    again, the file rewritten, and one warning line printed. Existing files are read once here, so with several
+    processes (main first, as the loop does) the main one repairs them before the others read them; one that turns
+    bad later is repaired when training reads it."""
 
     def __init__(self, records: Sequence[ImageRecord], vae, flip: bool = True,
                  cache_dir: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None):
-        self.records = list(records)
+        self.records, self.vae = list(records), vae
         self.flips = (False, True) if flip else (False,)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._ram: dict[Key, torch.Tensor] = {}
@@ -76,23 +81,32 @@ class LatentCache:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         total = len(self.records) * len(self.flips)
         for n, key in enumerate((i, f) for i in range(len(self.records)) for f in self.flips):
-            self._fill(key, vae, fingerprint)
+            self._fill(key, fingerprint)
             if progress:
                 progress(n + 1, total)
 
-    def _fill(self, key: Key, vae, fingerprint: str) -> None:
-        index, flip = key
-        record = self.records[index]
+    def _fill(self, key: Key, fingerprint: str) -> None:
         if self.cache_dir is None:
-            self._ram[key] = encode_pixels(vae, pixels(record, flip)[None])
+            self._ram[key] = self._encode(key)
             return
+        path = self.cache_dir / f"{_cache_key(self.records[key[0]], key[1], fingerprint)}.safetensors"
+        self._files[key] = path
+        if path.is_file():
+            self._get(key)  # checks it, and encodes it again if it cannot be read
+        else:
+            self._write(key)
+
+    def _encode(self, key: Key) -> torch.Tensor:
+        index, flip = key
+        return encode_pixels(self.vae, pixels(self.records[index], flip)[None])
+
+    def _write(self, key: Key) -> torch.Tensor:
+        """Encode one image and flip and write its file, atomically, through bytes (see _read)."""
         from safetensors.torch import save
 
-        path = self.cache_dir / f"{_cache_key(record, flip, fingerprint)}.safetensors"
-        if not path.is_file():
-            params = encode_pixels(vae, pixels(record, flip)[None])
-            atomic_write_bytes(path, save({"params": params.contiguous()}))
-        self._files[key] = path
+        params = self._encode(key)
+        atomic_write_bytes(self._files[key], save({"params": params.contiguous()}))
+        return params
 
     def params(self, keys: Sequence[Key]) -> torch.Tensor:
         for i, flip in keys:
@@ -103,15 +117,45 @@ class LatentCache:
     def _get(self, key: Key) -> torch.Tensor:
         if self.cache_dir is None:
             return self._ram[key]
-        from safetensors.torch import load_file
+        path, shape = self._files[key], self._shape(key)
+        try:
+            return _read(path, shape)
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError: a cache miss, not a failed run
+            _stderr(f"warning: {path}: unreadable latent cache file ({_one_line(e)}); encoded again")
+            return self._write(key)
 
-        return load_file(str(self._files[key]))["params"]
+    def _shape(self, key: Key) -> tuple[int, ...]:
+        """What encode_pixels gives for the key's image: [1, 2 * latent channels, height / f, width / f]."""
+        width, height = self.records[key[0]].bucket
+        config = self.vae.config
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        return 1, 2 * config.latent_channels, height // factor, width // factor
+
+
+def _read(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """The parameters a cache file holds; ValueError unless they are float32 of `shape`. Read as bytes, as _write
+    writes: safetensors' own file functions need UTF-8 paths."""
+    from safetensors.torch import load
+
+    params = load(path.read_bytes()).get("params")
+    if params is None or params.dtype != torch.float32 or tuple(params.shape) != shape:
+        found = "no params" if params is None else f"{params.dtype} {tuple(params.shape)}"
+        raise ValueError(f"holds {found}, not torch.float32 {shape}")
+    return params
 
 
 def vae_fingerprint(vae) -> str:
-    """A cheap identity for a VAE's weights: its config plus each tensor's name, shape, dtype, sum and first values.
-    Catches a different model, a retrained one or another dtype without hashing hundreds of megabytes."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    """A cheap identity for a VAE's weights: its class and config plus each tensor's name, shape, dtype, sum and
+    first values. Catches a different model, a retrained one or another dtype without hashing hundreds of megabytes.
+
+    The config's "_" keys are left out: they are bookkeeping, not what the weights compute, and they differ where
+    the weights do not. `_use_default_values` is listed in an order that follows Python's per-process string hash
+    seed (PYTHONHASHSEED), which gave every run and process its own fingerprint, so the cache was never reused
+    (sorting lists instead would merge configs whose order matters, like block_out_channels); `_name_or_path`
+    changes with where the same weights were loaded from, `_diffusers_version` with every upgrade. The class,
+    which `_class_name` names, is taken from the object instead."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps([type(vae).__name__, config], sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in vae.state_dict().items():
             flat = tensor.detach().reshape(-1)

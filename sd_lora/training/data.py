@@ -70,14 +70,15 @@ class ImageRecord:
 def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None, warn: Warn | None = _stderr,
                 *, exclude: Sequence[str | os.PathLike] = ()) -> list[ImageRecord]:
     """Every usable image under `folder`, sorted by relative path, with its caption (see read_caption). Symlinked
-    files and folders count as if they were there; each real folder is read once (see _walk).
+    files and folders count as if they were there, but links to `folder` or to a folder holding it are not
+    followed; each real folder is read once (see _walk).
 
     Bad files (zero-byte, unreadable, corrupt, not an image, unsupported type, an unreadable caption) are skipped
     with one warning line each and a summary line. Hidden files and folders (".name") are ignored silently: they hold
     editor and OS clutter, and our own temporary files. So are the contents of the `exclude` folders (the run's
-    output, cache and class-image folders) when they lie inside `folder`: their previews, samples and checkpoints
-    are not training data. An excluded folder that does not exist yet, or that is `folder` itself or holds it,
-    changes nothing. A caption that is not UTF-8 is used with its bad bytes as U+FFFD, and one warning line.
+    output, cache and class-image folders), inside `folder` or reached through a link: their previews, samples and
+    checkpoints are not training data. Excluding `folder` itself or a folder that holds it changes nothing. A
+    caption that is not UTF-8 is used with its bad bytes as U+FFFD, and one warning line.
     Raises DatasetError when nothing usable is left.
     """
     root = Path(folder).expanduser()
@@ -86,7 +87,7 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     warn = warn or (lambda message: None)
-    files = _walk(root, _inside(root, exclude))
+    files = _walk(root, exclude)
     images = {f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
     owners = images | {f.with_suffix("") for f in images}  # a sidecar is name.txt or name.png.txt
     sidecars: dict[Path, list[Path]] = {}
@@ -98,8 +99,9 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
         suffix = path.suffix.lower()
         if suffix in CAPTION_EXTENSIONS and path.with_suffix("") in owners:
             continue  # a sidecar
-        rel = path.relative_to(root).as_posix()
-        if suffix not in IMAGE_EXTENSIONS:
+        if suffix not in IMAGE_EXTENSIONS and path.is_symlink() and not path.exists():  # to a file or a folder
+            problem, detail = "unreadable", "a broken symlink"
+        elif suffix not in IMAGE_EXTENSIONS:
             problem = "not an image" if suffix in CAPTION_EXTENSIONS else "unsupported file type"
             detail = (f"a caption file with no image named {path.stem}.*" if suffix in CAPTION_EXTENSIONS
                       else f"use {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
@@ -114,11 +116,12 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
                 except OSError as e:  # training it under the default prompt instead would be silently wrong
                     problem, detail = "unreadable caption", f"{Path(e.filename).name}: {e.strerror}"
         problems[problem] += 1
-        warn(f"warning: skipped {rel}: {problem} ({detail})")
+        warn(f"warning: skipped {path.relative_to(root).as_posix()}: {problem} ({detail})")
     skipped = sum(problems.values())
     if skipped:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(problems.items()))
-        warn(f"warning: skipped {skipped} of {len(records) + skipped} files ({kinds}); using {len(records)} images")
+        kinds, used = ", ".join(f"{n} {kind}" for kind, n in sorted(problems.items())), len(records)
+        warn(f"warning: skipped {skipped} of {used + skipped} files ({kinds}); "
+             f"using {used} image{'s' * (used != 1)}")
     if not records:
         listed = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
         if not files:
@@ -135,28 +138,25 @@ def count_usable_images(folder: str | os.PathLike) -> int:
     return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
 
 
-def _inside(root: Path, folders: Sequence[str | os.PathLike]) -> set[Path]:
-    """The resolved `folders` that lie strictly inside `root`: excluding root or a parent of it excludes nothing."""
+def _walk(root: Path, skip: Collection[str | os.PathLike] = ()) -> list[Path]:
+    """Files under root, sorted by relative path, as seen under root; hidden files and folders left out, and every
+    folder that is a `skip` folder or lies under one, by resolved path (skipping root or an ancestor skips nothing).
+    Links to folders are followed, but not to root or an ancestor (`..` or `~` would pull in every sibling folder),
+    and each real folder is read once: through its own path when root holds it without a link, else through the
+    first link the walk meets (top-down, by name). Links to files, and broken links, are listed as files."""
     top = root.resolve()
-    resolved = (Path(f).expanduser().resolve() for f in folders)
-    return {f for f in resolved if top in f.parents}
+    out = {s for s in (Path(f).expanduser().resolve() for f in skip) if s != top and s not in top.parents}
+    claimed: dict[Path, Path | None] = {**dict.fromkeys(top.parents), top: root}  # None: never read
 
-
-def _walk(root: Path, skip: Collection[Path] = ()) -> list[Path]:
-    """Files under root, sorted by relative path; hidden files and folders, and the resolved folders in `skip`, left
-    out. Symlinked folders are followed, paths kept as seen under root; but each real folder (by resolved path) is
-    read once: through its own path when root holds it without a link, else through the first link the walk meets
-    (top-down, by name), so a link to an ancestor or a second link to a folder adds nothing. Links to files,
-    broken ones too, are listed as files."""
-    # the one path each real folder is read through; None for the folders in skip
-    claimed: dict[Path, Path | None] = {**dict.fromkeys(skip), root.resolve(): root}
+    def keep(folder: Path, follow: bool) -> bool:
+        real = folder.resolve()
+        return ((follow or not folder.is_symlink()) and not out.intersection((real, *real.parents))
+                and claimed.setdefault(real, folder) == folder)
 
     def walk(follow: bool) -> list[Path]:
         found = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
-            folders = (Path(dirpath) / d for d in sorted(dirnames) if not d.startswith("."))
-            dirnames[:] = [f.name for f in folders
-                           if (follow or not f.is_symlink()) and claimed.setdefault(f.resolve(), f) == f]
+            dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and keep(Path(dirpath) / d, follow)]
             found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
         return found
 
