@@ -141,8 +141,9 @@ def test_a_folder_whose_run_json_is_lost_is_not_taken_over(trained, tmp_path, ca
                                       "to continue that run, --overwrite to replace it, or choose another --output")
     shutil.rmtree(out / "checkpoints")
     code, err = style_main(style_args(trained[0], out, "--rank", "8", "--steps", "2"), capsys)
-    assert code == 2 and err.endswith(f"{out} holds inkwash.safetensors but no readable run.json to say which run "
-                                      "made them; pass --overwrite to replace them, or choose another --output")
+    assert code == 2 and err.endswith(f"{out} holds an adapter inkwash.safetensors but no readable run.json that "
+                                      "says which run wrote it; pass --overwrite to replace it, or choose another "
+                                      "--output")
 
 
 def test_the_output_cannot_be_the_images_folder(trained, tmp_path, capsys, no_model):

@@ -68,11 +68,12 @@ def check_folder(cfg: TrainConfig) -> Path | None:
     if cfg.overwrite or (previous is not None and abandoned(output)):
         return None
     if previous is None:
-        held = "checkpoints" if saved else f"{cfg.name}.safetensors" if (output / f"{cfg.name}.safetensors").exists() \
-            else None
+        adapter = f"{cfg.name}.safetensors"
+        held = "checkpoints" if saved else f"an adapter {adapter}" if (output / adapter).exists() else None
         if held:
-            raise UsageError(f"{output} holds {held} but no readable {RUN_FILE} to say which run made them; pass "
-                             "--overwrite to replace them, or choose another --output")
+            it = "them" if saved else "it"
+            raise UsageError(f"{output} holds {held} but no readable {RUN_FILE} that says which run wrote {it}; "
+                             f"pass --overwrite to replace {it}, or choose another --output")
         return None
     if previous.get("identity") != identity(cfg):
         field = _first_difference(identity(cfg), _recorded(previous))
