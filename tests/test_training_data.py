@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lora.training import caches
-from sd_lora.training.caches import LatentCache, LiveLatents, TextCache, encode_text, sample_latents, tokenize
 from sd_lora.training.class_images import generate_class_images
 from sd_lora.training.data import (
     BucketSampler,
@@ -247,67 +245,6 @@ def tiny():
     import sd_lora
 
     return sd_lora.load_pipeline("tiny")
-
-
-@pytest.fixture
-def two_images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "square.png")
-    Image.fromarray(rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(folder / "wide.png")
-    return assign_buckets(scan_images(folder, caption=PROMPT, warn=None), 64)
-
-
-def test_cached_latents_equal_fresh_encodes(tiny, two_images, tmp_path, monkeypatch):
-    keys = [(0, False), (0, True), (1, True)]
-    live = LiveLatents(two_images, tiny.vae)
-    ram = LatentCache(two_images, tiny.vae, flip=True)
-    assert torch.equal(ram.params(keys[:2]), live.params(keys[:2]))
-    assert torch.equal(ram.params(keys[2:]), live.params(keys[2:]))
-    assert ram.params(keys[:1]).shape == (1, 8, 8, 8)
-
-    disk = LatentCache(two_images, tiny.vae, flip=True, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
-    assert not list((tmp_path / "cache").glob(".*"))  # no temporary files left
-    calls = []
-    monkeypatch.setattr(caches, "encode_pixels", lambda *a: calls.append(a) or torch.zeros(1))
-    again = LatentCache(two_images, tiny.vae, flip=True, cache_dir=tmp_path / "cache")
-    assert calls == []  # a second run reads the disk cache instead of encoding
-    monkeypatch.undo()
-    for key in keys:
-        assert torch.equal(again.params([key]), disk.params([key]))
-        assert torch.equal(again.params([key]), ram.params([key]))
-
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = sample_latents(ram.params(keys[:2]), tiny.vae.config, g1)
-    b = sample_latents(live.params(keys[:2]), tiny.vae.config, g2)
-    assert torch.equal(a, b)
-    mean = sample_latents(ram.params(keys[:1]), tiny.vae.config, sample=False)
-    assert torch.allclose(mean, ram.params(keys[:1])[:, :4] * tiny.vae.config.scaling_factor)
-
-
-def test_disk_cache_notices_a_changed_image(tiny, two_images, tmp_path):
-    LatentCache(two_images, tiny.vae, flip=False, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-    Image.new("RGB", (64, 64), (9, 9, 9)).save(two_images[0].path)
-    fresh = LatentCache(two_images, tiny.vae, flip=False, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 3
-    assert torch.equal(fresh.params([(0, False)]), LiveLatents(two_images, tiny.vae).params([(0, False)]))
-    with pytest.raises(KeyError):
-        fresh.params([(0, True)])
-
-
-def test_text_cache_equals_fresh_encodes(tiny):
-    captions = ["mozart, a red square", PROMPT, "mozart, a red square"]
-    cache = TextCache(captions, tiny.tokenizer, tiny.text_encoder)
-    assert len(cache) == 2
-    with torch.no_grad():
-        fresh = encode_text(tiny.text_encoder, tokenize(tiny.tokenizer, [PROMPT]))
-    assert torch.equal(cache([PROMPT]), fresh)
-    assert cache(captions).shape == (3, tiny.tokenizer.model_max_length, 64)
-    long = "mozart, " + "a very long caption " * 30
-    assert caches.truncated_captions(tiny.tokenizer, [PROMPT, long, long]) == [long]
 
 
 def test_class_images_are_generated_and_an_interrupted_run_resumes_to_the_same_files(tiny, tmp_path):
