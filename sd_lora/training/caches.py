@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from sd_lora.atomic import atomic_write_bytes
-from sd_lora.training.data import ImageRecord, Key, _one_line, _stderr, pixels
+from sd_lora.training.config import one_line, say
+from sd_lora.training.data import ImageRecord, Key, pixels
 
 CACHE_VERSION = 1  # bump when the pixels fed to the VAE change for the same file
 
@@ -121,7 +122,7 @@ class LatentCache:
         try:
             return _read(path, shape)
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError: a cache miss, not a failed run
-            _stderr(f"warning: {path}: unreadable latent cache file ({_one_line(e)}); encoded again")
+            say(f"warning: {path}: unreadable latent cache file ({one_line(e)}); encoded again")
             return self._write(key)
 
     def _shape(self, key: Key) -> tuple[int, ...]:

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sd_lora.training.config import RUN_FILE, UsageError, valid_text
+from sd_lora.training.config import RUN_FILE, UsageError, one_line, say
 
 STATE_FILE = "trainer_state.json"  # marks a checkpoint folder; step, losses, schedule, data position
 LORA_FILE = "trainer_lora.safetensors"  # the LoRA weights in fp32 (the adapter beside it is fp16)
@@ -127,8 +126,8 @@ def verify(folder: Path) -> dict:
                     warnings.simplefilter("ignore")
                     load_tensors(path, map_location="cpu")
             except Exception as e:  # noqa: BLE001
-                raise UsageError(f"--resume: {path}: cannot be read as weights-only tensors ({_one_line(e)}); it is "
-                                 "corrupt, or a pickle that could run code, and is not loaded") from None
+                raise UsageError(f"--resume: {path}: cannot be read as weights-only tensors ({one_line(e, 200)}); "
+                                 "it is corrupt, or a pickle that could run code, and is not loaded") from None
     return saved
 
 
@@ -160,7 +159,7 @@ def _read_lora(folder: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = safetensors.torch.load((folder / LORA_FILE).read_bytes())
     except Exception as e:  # noqa: BLE001 - missing, truncated, not safetensors: one message
-        raise UsageError(f"--resume: {folder / LORA_FILE}: cannot be read ({_one_line(e)})") from None
+        raise UsageError(f"--resume: {folder / LORA_FILE}: cannot be read ({one_line(e, 200)})") from None
     if not tensors or any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors.values()):
         raise UsageError(f"--resume: {folder / LORA_FILE}: does not hold finite fp32 LoRA weights")
     return tensors
@@ -175,7 +174,7 @@ def load(accelerator, folder: Path, state: TrainState, scheduler) -> dict:
         accelerator.load_state(str(folder))
         scheduler.load_state_dict(saved["lr_scheduler"])
     except Exception as e:  # noqa: BLE001 - the checkpoint does not fit this run; say which and why
-        raise UsageError(f"--resume: {folder}: cannot be loaded into this run ({_one_line(e)})") from None
+        raise UsageError(f"--resume: {folder}: cannot be loaded into this run ({one_line(e, 200)})") from None
     return saved
 
 
@@ -186,8 +185,8 @@ def drop_after(output: str | os.PathLike, step: int) -> None:
     for _, folder in later:
         remove(folder)
     if later:
-        print(valid_text(f"note: --resume from step {step}: removed the later checkpoints of the run it goes back "
-                         f"on ({', '.join(folder.name for _, folder in later)})"), file=sys.stderr, flush=True)
+        say(f"note: --resume from step {step}: removed the later checkpoints of the run it goes back on "
+            f"({', '.join(folder.name for _, folder in later)})")
 
 
 def remove_stale(output: str | os.PathLike) -> None:
@@ -266,12 +265,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _one_line(e: Exception, limit: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def read_json(path: Path) -> dict | None:

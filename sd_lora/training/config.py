@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,18 @@ def valid_text(value: str) -> str:
     """Valid text from a folder name or a flag: bytes that are not UTF-8 reach Python as surrogates, which the
     tokenizer and TensorBoard reject; they become U+FFFD."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def say(message: str) -> None:
+    """One line on stderr (a warning or a note), as valid text: file names may hold bytes that are not UTF-8."""
+    print(valid_text(message), file=sys.stderr, flush=True)
+
+
+def one_line(e: Exception, limit: int | None = None) -> str:
+    """An exception's message as one line for an error of ours: its first line, cut at a word after `limit`."""
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return line if limit is None or len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _safe_name(token: str) -> str:

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sd_lora.training.config import UsageError, valid_text
+from sd_lora.training.config import UsageError, one_line, say, valid_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference
@@ -44,10 +43,6 @@ class DatasetError(UsageError):
 
 
 Warn = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(valid_text(message), file=sys.stderr, flush=True)  # file names may hold bytes that are not UTF-8
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class ImageRecord:
 # Discovery and captions
 
 
-def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None, warn: Warn | None = _stderr,
+def scan_images(folder: str | os.PathLike, caption: str, token: str | None = None, warn: Warn | None = say,
                 *, exclude: Sequence[str | os.PathLike] = ()) -> list[ImageRecord]:
     """Every usable image under `folder`, sorted by relative path, with its caption (see read_caption). Symlinked
     files and folders count as if they were there, but links to `folder` or to a folder holding it are not
@@ -176,15 +171,10 @@ def _probe(path: Path) -> tuple[str | None, str, tuple[int, int]]:
         broken = path.is_symlink() and not path.exists()
         return "unreadable", "a broken symlink" if broken else e.strerror or type(e).__name__, (0, 0)
     except Image.DecompressionBombError as e:
-        return "image too large", _one_line(e), (0, 0)
+        return "image too large", one_line(e), (0, 0)
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
-        return "corrupt image", _one_line(e), (0, 0)
+        return "corrupt image", one_line(e), (0, 0)
     return None, "", image.size
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def read_caption(image_path: str | os.PathLike, default: str, token: str | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from sd_lora.training.caches import (
     sample_latents,
     tokenize,
 )
-from sd_lora.training.config import TrainConfig, TrainingError, UsageError, valid_text
+from sd_lora.training.config import TrainConfig, TrainingError, UsageError, say
 from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
 from sd_lora.training.objective import diffusion_loss
 
@@ -243,10 +242,9 @@ class Trainer:
                                                               self.total_steps)] * len(self.lr_scheduler.lr_lambdas)
         world = self.accelerator.num_processes
         if saved["processes"] != world and self.accelerator.is_main_process:
-            print(valid_text(f"warning: --resume: {folder} was trained with "
-                             f"{report.count(saved['processes'], 'process', 'processes')}, this run has {world}: "
-                             "training goes on from the next batch, but not as the original run would have"),
-                  file=sys.stderr, flush=True)
+            was = report.count(saved["processes"], "process", "processes")
+            say(f"warning: --resume: {folder} was trained with {was}, this run has {world}: training goes on from "
+                "the next batch, but not as the original run would have")
 
     # ---- the training step --------------------------------------------------------------------------------------
     def step(self) -> float | None:
