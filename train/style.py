@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
@@ -21,13 +22,23 @@ if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora`
 
 from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args, valid_text
 
-# Under `accelerate launch` every process parses the same flags: only the main one reports a bad flag.
+# Under `accelerate launch` every process parses the same flags: the main one reports a bad flag at once; the others
+# wait for the launcher to stop them once the main one has exited (exiting first, they got the main one killed before
+# it printed), and report it themselves only if it does not.
 _MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+_REPORT_AFTER_S = 20
+
+
+def _usage_error(message: str) -> int:
+    if not _MAIN_PROCESS:
+        time.sleep(_REPORT_AFTER_S)
+    print(valid_text(f"style.py: error: {message}"), file=sys.stderr, flush=True)
+    return 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage plus the error; one line is easier to read in logs
-        self.exit(2, f"{self.prog}: error: {message}\n" if _MAIN_PROCESS else None)
+        sys.exit(_usage_error(message))
 
 
 def parse(argv: list[str] | None = None):
@@ -51,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse(argv)
     except UsageError as e:
-        if _MAIN_PROCESS:
-            print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
-        return 2
+        return _usage_error(str(e))
     try:
         from sd_lora.training import train
 
