@@ -305,6 +305,16 @@ def test_epochs_override_steps_with_batches_and_accumulation(images, tmp_path):
     assert result["steps"] == 2
 
 
+def test_the_start_screen_counts_the_images_a_step_really_takes(images, tmp_path, capsys):
+    """--batch-size 3 on 2 buckets of 2 images: every batch holds 2 images, and the screen says so (it said 3)."""
+    loop.train(config(images, tmp_path / "out", steps=1, batch_size=3))
+    out = capsys.readouterr().out
+    assert "1 × 2 images (batch 3 × grad-accum 1 × 1 process) = 0.5 epochs" in out, out
+    (images / "art_3.png").unlink()  # buckets of 2 and 1 image: batches of 2 and 1
+    loop.train(config(images, tmp_path / "out3", steps=1, batch_size=2))
+    assert "1 × 1.5 images on average (batch 2 × grad-accum 1 × 1 process)" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Other models and captions
 

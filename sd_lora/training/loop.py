@@ -187,7 +187,8 @@ class Trainer:
                                      world_size=world)
         self.class_sampler = BucketSampler([r.bucket for r in class_records], cfg.batch_size, cfg.seed + 1,
                                            cfg.flip, rank=rank, world_size=world) if class_records else None
-        self.images_per_step = cfg.batch_size * cfg.grad_accum * world
+        # a bucket's last batch may be smaller than --batch-size: the mean over an epoch
+        self.images_per_step = len(records) / len(self.sampler) * cfg.grad_accum * world
         self.state = checkpoint.TrainState(self.models, cfg.seed, rank, batches_per_step=cfg.grad_accum * world)
         self.total_steps = self._total_steps()
 
@@ -407,7 +408,7 @@ class Trainer:
             sidecars=sum(1 for r in self.records if r.sidecar is not None),
             class_images=len(self.class_records), steps=self.total_steps, start_step=self.state.step,
             epochs=self.planned_batches() / len(self.sampler), processes=self.accelerator.num_processes,
-            modules=modules,
+            images_per_step=self.images_per_step, modules=modules,
             trainable=sum(p.numel() for p in self.params), precision=prepare.precision_text(self.accelerator),
             device=str(self.device), frozen_bytes=frozen, caching=f"{latents}; {text}",
             resume=str(resume_from) if resume_from else None)

@@ -32,10 +32,12 @@ COMPILE_NOTE = "; torch.compile: the first step of each bucket compiles"
 
 
 def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, class_images: int, steps: int,
-               start_step: int, epochs: float, processes: int, modules: dict[str, int], trainable: int,
-               precision: str, device: str, frozen_bytes: int, caching: str, resume: str | None) -> list:
+               start_step: int, epochs: float, processes: int, images_per_step: float, modules: dict[str, int],
+               trainable: int, precision: str, device: str, frozen_bytes: int, caching: str,
+               resume: str | None) -> list:
     buckets_text = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in buckets.items())
-    per_step = cfg.batch_size * cfg.grad_accum * processes
+    per_step = (count(round(images_per_step), "image") if images_per_step == round(images_per_step) else
+                f"{images_per_step:.3g} images on average")  # a bucket's last batch may hold fewer
     te = f" + {modules['text_encoder']} text-encoder" if modules.get("text_encoder") else ""
     te_lr = f" / {cfg.te_lr:g} text encoder" if modules.get("text_encoder") else ""
     rows = [
@@ -48,7 +50,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
                   f"{cfg.prior_weight:g}" if cfg.prior_preservation else "off"),
         ("network", (f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g}, {cfg.targets}: {modules.get('unet', 0)} UNet{te} "
                     f"modules, {trainable:,} trainable parameters (fp32)")),
-        ("steps", (f"{steps} × {count(per_step, 'image')} (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × "
+        ("steps", (f"{steps} × {per_step} (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × "
                   f"{count(processes, 'process', 'processes')}) = {epochs:.3g} epoch{'' if epochs == 1 else 's'}")),
         ("optimizer", (f"{cfg.optimizer}, lr {cfg.lr:g} UNet{te_lr}, {cfg.lr_scheduler} "
                       f"after {cfg.warmup_steps} warmup steps, max-grad-norm {cfg.max_grad_norm:g}")),
@@ -66,7 +68,7 @@ def start_rows(cfg: TrainConfig, *, images: int, buckets: dict, sidecars: int, c
     return rows
 
 
-def end_rows(*, seconds: float, step_seconds: float, trained_steps: int, images_per_step: int,
+def end_rows(*, seconds: float, step_seconds: float, trained_steps: int, images_per_step: float,
              losses: Sequence[float], skipped: int, adapter: Path, extra_files: Sequence[Path],
              peak_memory: str) -> list:
     rate = trained_steps / step_seconds if step_seconds > 0 else 0.0
