@@ -154,6 +154,18 @@ def test_flags_map_onto_the_config():
     assert style.parse(["--images", "imgs"]) == TrainConfig(images="imgs")
 
 
+def test_steps_and_epochs_together_are_refused_not_silently_dropped(capsys, no_model):
+    """--epochs decides a run's length; a --steps given with it used to be ignored without a word."""
+    assert style.main(["--images", "x", "--steps", "500", "--epochs", "3"]) == 2
+    assert capsys.readouterr().err == ("style.py: error: --steps 500 and --epochs 3 both say how long to train: "
+                                       "pass one of them\n")
+    assert style.main(["--images", "x", "--epochs", "3", "--steps", "1000"]) == 2  # the default's value, but given
+    assert "pass one of them" in capsys.readouterr().err
+    assert style.parse(["--images", "x", "--epochs", "3"]).steps == style.parse(["--images", "x"]).steps == 1000
+    assert style.parse(["--images", "x", "--steps", "50"]).steps == 50
+    assert TrainConfig(images="x", steps=500, epochs=3).validate().epochs == 3  # in Python, epochs still wins
+
+
 @pytest.mark.parametrize("argv", [["--images", "x", "--rank", "0"], ["--images", "x", "--lr", "0"],
                                   ["--images", "x", "--resolution", "100"], ["--images", "x", "--targets", "all"],
                                   ["--images", "x", "--rank", "four"], ["--images", "x", "--bogus"], []])

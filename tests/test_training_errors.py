@@ -17,7 +17,7 @@ import pytest
 from helpers import env, free_port, style_args, style_folder, style_main
 from helpers import train_config as config
 
-from sd_lora.training import UsageError, checkpoint, loop, run_folder
+from sd_lora.training import UsageError, checkpoint, loop, prepare, run_folder
 
 STYLE = Path(__file__).resolve().parent.parent / "train" / "style.py"
 
@@ -191,6 +191,52 @@ def test_ctrl_c_or_sigterm_says_what_can_be_resumed_in_one_line(images, tmp_path
     assert last.startswith("style.py: interrupted; checkpoints up to step ") and "--resume latest" in last
     step = int(last.split("up to step ")[1].split()[0])
     assert step >= 3 and (out / "checkpoints" / f"step-{step}" / checkpoint.STATE_FILE).is_file()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_while_torch_loads_is_one_line(tmp_path, sig, code):
+    """The imports at the top of style.py load torch, about a second: Ctrl-C there printed a page of traceback from
+    inside torch, and SIGTERM ended the run without a word. The signal comes once torch's C core has loaded
+    (`-X importtime` says when), so it lands in torch's Python imports: torch's C init swallows a Ctrl-C itself."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(STYLE), "--images", str(tmp_path / "none"),
+                             "--model", "tiny"], env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.rsplit("|", 1)[-1].strip() == "torch._C":
+            break
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == code, err[-3000:]
+    assert lines == ["style.py: interrupted while starting; nothing to resume"], err[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_far_above_what_the_model_can_use_gets_one_warning(pipe, tmp_path, capsys):
+    """--resolution 4x the tiny model's 64 px costs 16x per step; --rank 48 is above the 32 inputs or outputs of
+    some layers it trains, whose update cannot have a higher rank. Both still train, with one line each."""
+    def warnings(**changes) -> list[str]:
+        prepare.warn_sizes(config(tmp_path, tmp_path / "out", **changes), pipe)
+        return capsys.readouterr().err.splitlines()
+
+    assert warnings(resolution=256) == [("warning: --resolution 256: the model was trained at 64 px; memory and "
+                                         "time per step grow with the square of the resolution: 16x the native "
+                                         "size's here")]
+    assert warnings(rank=48) == [(
+        "warning: --rank 48 is above what 12 of the 36 layers it trains can use: a layer's update has a rank of at "
+        "most min(in, out), 32 for unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q; rank beyond "
+        "that adds parameters but no capacity")]
+    assert "what all 96 layers it trains can use" in warnings(rank=100, targets="full")[0]
+    assert "what 12 of the 28 layers" in warnings(rank=48, text_encoder=False)[0]  # the text encoder's are 64 wide
+    assert warnings(resolution=64, rank=32) == warnings(resolution=96) == warnings() == []
+    prepare.warn_sizes(config(tmp_path, tmp_path / "out", resolution=256, rank=48), pipe, notice=False)
+    assert capsys.readouterr().err == ""  # the other processes of a multi-process run stay quiet
+
+
+def test_a_run_with_a_rank_the_model_cannot_use_warns_and_trains(images, tmp_path, capsys):
+    result = loop.train(config(images, tmp_path / "out", steps=1, rank=48))
+    assert result["adapter"].exists()
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning: --rank 48" in line]
 
 
 def test_a_half_written_checkpoint_is_never_resumed(images, tmp_path):

@@ -20,7 +20,31 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make `sd_lora` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args, valid_text
+NOTHING_TO_RESUME = "style.py: interrupted before the first checkpoint; nothing to resume"
+STARTING = "style.py: interrupted while starting; nothing to resume"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler preempting the run, `kill`): stopped as Ctrl-C stops it."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, _Terminated) else 130
+
+
+if __name__ == "__main__" and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _terminate)  # before the imports below: they load torch, which takes seconds
+try:
+    from sd_lora.training.config import TrainingError, UsageError, add_arguments, config_from_args, valid_text
+except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while torch loads: one line, not a traceback from its import
+    if __name__ != "__main__":
+        raise
+    print(STARTING, file=sys.stderr, flush=True)
+    sys.exit(_stopped(e))
 
 # Under `accelerate launch` every process parses the same flags: the main one reports a bad flag at once; the others
 # wait for the launcher to stop them once the main one has exited (exiting first, they got the main one killed before
@@ -47,14 +71,6 @@ def parse(argv: list[str] | None = None):
     return config_from_args(add_arguments(parser).parse_args(argv)).validate()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler preempting the run, `kill`): stopped as Ctrl-C stops it."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     config = None
     if threading.current_thread() is threading.main_thread():
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         train(config)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: checkpoints are whole (written atomically): say how to go on
         print(_interrupted(config), file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        return _stopped(e)
     except UsageError as e:
         print(valid_text(f"style.py: error: {e}"), file=sys.stderr)
         return 2
@@ -84,7 +100,7 @@ def _interrupted(config) -> str:
 
     saved = checkpoints(config.resolved().output) if config is not None else []
     if not saved:
-        return "style.py: interrupted before the first checkpoint; nothing to resume"
+        return NOTHING_TO_RESUME
     step, folder = saved[-1]
     return valid_text(f"style.py: interrupted; checkpoints up to step {step} ({folder}) are kept: run the same "
                       "command with --resume latest to continue")

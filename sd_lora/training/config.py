@@ -39,6 +39,9 @@ MAX_SEED = 2**32 - 1
 RESERVED_NAME = "run"  # not an adapter name: <output>/run.json sits next to the adapter's <name>.json sidecar
 RUN_FILE = f"{RESERVED_NAME}.json"  # which run owns the output folder (run_folder.py)
 DEFAULT_SAMPLE_PROMPTS = ("a portrait in the style of {token}", "a landscape in the style of {token}")
+# Flags the parser leaves None unless given, so that a default never counts as a choice: --epochs overrides --steps
+# in a TrainConfig, which would silently drop a --steps the user typed along with it.
+UNSET_UNLESS_GIVEN = ("steps",)
 
 CHOICES = {
     "targets": ("cross-attn", "attn", "full"),
@@ -236,14 +239,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                 default=f.default, help=f"{help_text} (default: {'on' if f.default else 'off'})")
             continue
         default_note = "" if f.default in (None, "") or "default" in help_text else f" (default: {f.default})"
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, choices=CHOICES.get(f.name),
+                            default=None if f.name in UNSET_UNLESS_GIVEN else f.default,
                             help=help_text + default_note, **meta)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig for parsed flags (not yet validated)."""
+    """The TrainConfig for parsed flags (not yet validated). Raises ConfigError for flags that exclude each
+    other."""
+    if args.steps is not None and args.epochs is not None:
+        raise ConfigError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: pass one "
+                          "of them")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in UNSET_UNLESS_GIVEN and values[f.name] is None:
+            values[f.name] = f.default
     if values["sample_prompts"] is not None:
         values["sample_prompts"] = tuple(values["sample_prompts"])
     return TrainConfig(**values)

@@ -82,6 +82,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
 def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
     started, main, out = time.time(), accelerator.is_main_process, Path(cfg.output)
     resolution = cfg.resolution or prepare.native_resolution(pipe)
+    prepare.warn_sizes(cfg, pipe, notice=main)  # a --resolution or --rank far beyond what the model can use
     records = assign_buckets(records, resolution)
     pipe.to(accelerator.device)
     pipe.to(dtype=prepare.weight_dtype(accelerator))  # frozen weights: fp16/bf16 when mixed, else fp32 (LoRA: fp32)

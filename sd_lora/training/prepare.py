@@ -1,7 +1,7 @@
 """What a training run needs before its first step, kept out of the loop so the loop reads as the recipe: flags
 that ask for missing packages or a missing GPU, the Accelerator (device and precision), the base model, its native
-resolution, the prior-preservation class images, the optimizer and its learning-rate schedule. Plus two small
-output helpers (progress bars, PNG files).
+resolution (and sizes that make no sense for the model), the prior-preservation class images, the optimizer and its
+learning-rate schedule. Plus two small output helpers (progress bars, PNG files).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from sd_lora.training.class_images import generate_class_images
-from sd_lora.training.config import TrainConfig, UsageError
+from sd_lora.training.config import TrainConfig, UsageError, say
 from sd_lora.training.data import assign_buckets, count_usable_images, scan_images
 
 WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' LoRA scripts use
+# From twice its native size up (1024 px for SD1.5), a model trains on images it never learned to make, and a step
+# costs at least 4x the memory and time.
+FAR_ABOVE_NATIVE = 2
 
 
 def _cuda() -> bool:
@@ -194,6 +197,43 @@ def load_model(model: str):
 def native_resolution(pipe) -> int:
     """The size the model generates by default: its latent size times the VAE's downscale factor."""
     return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def warn_sizes(cfg: TrainConfig, pipe, notice: bool = True) -> None:
+    """One stderr line for each size that trains but makes no sense for this model: a --resolution far above its
+    native size, and a --rank above what the layers it trains can use. `notice`: False on the other processes of
+    a multi-process run, so the warnings show once."""
+    if not notice:
+        return
+    native = native_resolution(pipe)
+    if cfg.resolution is not None and cfg.resolution >= FAR_ABOVE_NATIVE * native:
+        factor = (cfg.resolution / native) ** 2
+        say(f"warning: --resolution {cfg.resolution}: the model was trained at {native} px; memory and time per "
+            f"step grow with the square of the resolution: {factor:.3g}x the native size's here")
+    sides = lora_sides(pipe, cfg.targets, cfg.text_encoder)
+    over = {path: side for path, side in sides.items() if cfg.rank > side}
+    if over:
+        path, side = min(over.items(), key=lambda item: item[1])
+        which = f"all {len(sides)}" if len(over) == len(sides) else f"{len(over)} of the {len(sides)}"
+        say(f"warning: --rank {cfg.rank} is above what {which} layers it trains can use: a layer's update has a "
+            f"rank of at most min(in, out), {side} for {path}; rank beyond that adds parameters but no capacity")
+
+
+def lora_sides(pipe, preset: str, text_encoder: bool = True) -> dict[str, int]:
+    """"part.path" -> min(out, in) of every layer `preset` puts LoRA on: the highest rank its update can have
+    (a kxk conv's input counts in x k x k values)."""
+    from sd_lora.targets import PARTS, is_target_module, select, strip_text_model
+
+    sides = {}
+    for part in PARTS:
+        model = getattr(pipe, part, None)
+        if model is None or (part != "unet" and not text_encoder):
+            continue
+        layers = {strip_text_model(name): m for name, m in model.named_modules() if is_target_module(m)}
+        for path in select(list(layers), part, preset):
+            shape = layers[path].weight.shape
+            sides[f"{part}.{path}"] = min(shape[0], math.prod(shape[1:]))
+    return sides
 
 
 def class_images(cfg: TrainConfig, pipe, resolution: int, accelerator) -> list:
