@@ -1,12 +1,14 @@
 """--resume and the output folder's owner, as a user meets them: a checkpoint from elsewhere is read without
 unpickling anything, a broken one gets one line before the model loads, a second run cannot train into a folder a
-run is training in, and a resume with another number of processes goes on with the next batch. Kill -9 and exact
-resume: tests/test_training_loop.py. Tiny model, CPU.
+run is training in, a resume with another number of processes goes on with the next batch, a moved images folder
+resumes and a changed one resumes with a warning. Kill -9 and exact resume: tests/test_training_loop.py. Tiny model,
+CPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import torch
 from helpers import STYLE, env, multi_gpu, style_args, style_folder, style_main
 from helpers import train_config as config
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sd_lora.training import checkpoint, loop, run_folder
@@ -137,7 +140,10 @@ def test_a_folder_whose_run_json_is_lost_is_not_taken_over(trained, tmp_path, ca
     else:
         run.write_text("garbage{" if damage == "garbage" else "[]")
     code, err = style_main(style_args(trained[0], out, "--rank", "8", "--steps", "2"), capsys)
-    assert code == 2 and err.endswith(f"{out} holds a different run (--rank 4 there, 8 here); pass --resume latest "
+    assert code == 2 and err.endswith(f"{out} holds a different run (--rank 4 there, 8 here); pass --overwrite to "
+                                      "replace it, or choose another --output")  # a resume would be refused
+    code, err = style_main(style_args(trained[0], out, "--steps", "9"), capsys)
+    assert code == 2 and err.endswith(f"{out} holds a different run (--steps 4 there, 9 here); pass --resume latest "
                                       "to continue that run, --overwrite to replace it, or choose another --output")
     shutil.rmtree(out / "checkpoints")
     code, err = style_main(style_args(trained[0], out, "--rank", "8", "--steps", "2"), capsys)
@@ -214,3 +220,131 @@ def test_a_resume_with_another_number_of_processes_goes_on_with_the_next_batch(t
     assert f"warning: --resume: {step} was trained with 2 processes, this run has 1" in capsys.readouterr().err
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step-6" / checkpoint.STATE_FILE).read_text())
     assert saved["batches"] == 8 and saved["processes"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The images folder: moved, renamed, or changed in place
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def moved_images(trained, tmp_path: Path, name: str = "inkwash") -> Path:
+    """The trained run's images in another folder, as `mv` (or moving the whole project) leaves them. A folder of
+    another name gives another default token."""
+    moved = tmp_path / "elsewhere" / name
+    shutil.copytree(trained[0], moved)
+    return moved
+
+
+def resume_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(("note: ", "warning: --resume"))]
+
+
+def test_a_moved_images_folder_resumes_and_ends_where_an_uninterrupted_run_does(trained, tmp_path, capsys):
+    """run.json recorded the images folder's path only, so after `mv` the run's checkpoints were "a different run":
+    progress lost, or --overwrite. The same files elsewhere are the same run: one note, and the adapter of the run
+    that was never interrupted, bit for bit."""
+    out, _ = a_copy(trained, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step-4")  # stopped after step 2
+    (out / "inkwash.safetensors").unlink()
+    moved = moved_images(trained, tmp_path)
+    result = loop.train(config(moved, out, steps=4, save_every=2, resume="latest"))
+    assert result["steps"] == 4
+    assert resume_lines(capsys.readouterr().err) == [
+        f"note: --resume: the images folder moved: {trained[0].resolve()} -> {moved.resolve()}"]
+    assert same_tensors(out / "inkwash.safetensors", trained[1] / "inkwash.safetensors")
+    assert json.loads((out / run_folder.RUN_FILE).read_text())["identity"]["images"] == str(moved.resolve())
+
+
+def test_a_renamed_images_folder_resumes_with_the_runs_token(trained, tmp_path, capsys, no_model):
+    """The token defaults to the folder's name, and the captions hold it: renamed, the folder trains another token,
+    so the resume is refused, but the line says how to keep the run's."""
+    out, _ = a_copy(trained, tmp_path)
+    renamed = moved_images(trained, tmp_path, name="art2")
+    code, err = style_main(style_args(renamed, out, "--resume", "latest", "--steps", "6"), capsys)
+    assert code == 2 and err.endswith("comes from a different run (--token 'inkwash' there, 'art2' here); only "
+                                      "--steps and --epochs may change when resuming; the token defaults to the "
+                                      "images folder's name: pass --token inkwash to continue the run")
+    found = run_folder.check_output(config(renamed, out, steps=6, token="inkwash", resume="latest").resolved())
+    assert found == out / "checkpoints" / "step-4"
+    assert capsys.readouterr().err == f"note: --resume: the images folder moved: {trained[0].resolve()} -> " \
+                                      f"{renamed.resolve()}\n"
+
+
+def test_what_training_does_not_see_is_no_change(trained, tmp_path, capsys, no_model):
+    """A copy has new modification times; a caption re-saved by Notepad (byte-order mark, CRLF) reads the same; a
+    stray note, an unused .caption beside the .txt and hidden files are not trained on: the folder only moved."""
+    out, _ = a_copy(trained, tmp_path)
+    moved = moved_images(trained, tmp_path)
+    (moved / "art_0.txt").write_bytes("\ufeffa blue circle,\r\n ink outline\r\n".encode())
+    (moved / "art_0.caption").write_text("never read: art_0.txt comes first")
+    (moved / "todo.md").write_text("more images")
+    (moved / ".DS_Store").write_bytes(b"\0\0")
+    assert run_folder.check_output(config(moved, out, steps=6, resume="latest").resolved()) is not None
+    assert resume_lines(capsys.readouterr().err) == [
+        f"note: --resume: the images folder moved: {trained[0].resolve()} -> {moved.resolve()}"]
+
+
+def _add(images: Path) -> None:
+    shutil.copyfile(images / "art_1.png", images / "art_4.png")
+
+
+def _replace(images: Path) -> None:
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(images / "art_2.png")
+
+
+@pytest.mark.parametrize("change,what", [
+    (_add, "1 image added"),
+    (lambda images: (images / "art_3.png").unlink(), "1 image removed"),
+    (lambda images: (images / "art_0.txt").write_text("a blue disc, ink outline"), "1 image recaptioned"),
+    (lambda images: ((images / "art_3.png").unlink(), (images / "art_1.txt").write_text("a frame"), _add(images),
+                     _replace(images)), "1 image added, 1 removed, 1 changed, 1 recaptioned"),
+])
+def test_images_changed_in_place_resume_with_a_warning(tmp_path, capsys, change, what):
+    """Changed images used to resume silently, although neither the data order nor the training were the run's any
+    more. Who removed a bad image or fixed a caption wants to go on, not to lose the run: --resume goes on, with one
+    warning line that says what changed. A new run without --resume is not told "--resume latest" as if nothing
+    had changed."""
+    images, out = style_folder(tmp_path), tmp_path / "out"
+    loop.train(config(images, out, steps=2, save_every=2))
+    change(images)
+    capsys.readouterr()
+    code, err = style_main(style_args(images, out, "--steps", "2", "--save-every", "2"), capsys)
+    assert code == 2 and err.endswith(
+        f"{out} holds this run's checkpoints up to step 2, trained on other images than {images} holds now ({what}); "
+        "pass --overwrite to start over on them, --resume latest to go on from there with them (not as the run "
+        "would have gone), or choose another --output")
+    assert loop.train(config(images, out, steps=3, save_every=2, resume="latest"))["steps"] == 3
+    warning = (f"warning: --resume: the images in {images} changed since {out / 'checkpoints' / 'step-2'} was saved "
+               f"({what}): training goes on with them, but not as the original run would have")
+    assert resume_lines(capsys.readouterr().err) == [warning]
+    assert run_folder.check_output(config(images, out, steps=4, save_every=2, resume="latest").resolved())
+    assert resume_lines(capsys.readouterr().err) == []  # its checkpoints now hold the images it trained on
+
+
+def test_a_run_json_without_a_fingerprint_resumes_by_path(trained, tmp_path, capsys):
+    """run.json files written before the fingerprint: the images folder's path decides, as it did."""
+    out, _ = a_copy(trained, tmp_path)
+    for run in (out / run_folder.RUN_FILE, *(out / "checkpoints").glob(f"*/{run_folder.RUN_FILE}")):
+        run.write_text(json.dumps({k: v for k, v in json.loads(run.read_text()).items() if k != "dataset"}))
+    moved = moved_images(trained, tmp_path)
+    code, err = style_main(style_args(moved, out, "--resume", "latest", "--steps", "5"), capsys)
+    assert code == 2 and f"comes from a different run (--images '{trained[0].resolve()}' there, " in err
+    assert loop.train(config(trained[0], out, steps=5, save_every=2, resume="latest"))["steps"] == 5
+    assert resume_lines(capsys.readouterr().err) == []
+    assert "dataset" in json.loads((out / run_folder.RUN_FILE).read_text())  # recorded from now on
+
+
+def test_file_names_that_are_not_utf8_are_recorded_as_they_are(tmp_path, no_model):
+    """Linux file names are bytes: run.json keeps them (as JSON escapes), so the next process reads the same
+    fingerprint back."""
+    images, out = style_folder(tmp_path), tmp_path / "out"
+    odd = os.fsdecode(b"art_\xff.png")
+    (images / "art_1.png").rename(images / odd)
+    cfg = config(images, out).resolved()
+    run_folder.write_run(cfg)
+    recorded = json.loads((out / run_folder.RUN_FILE).read_bytes())["dataset"]
+    assert odd in recorded and recorded == run_folder.fingerprint(cfg)

@@ -18,6 +18,7 @@ they give the same latents bit for bit on CPU.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -131,6 +132,40 @@ def count_usable_images(folder: str | os.PathLike) -> int:
     if not root.is_dir():
         return 0
     return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
+
+
+def fingerprint(folder: str | os.PathLike, *, exclude: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
+    """What a run trains on, cheaply, to tell a moved images folder from a changed one: {relative path of each
+    image file: "<size in bytes>", or "<size> <digest of its caption>" when a sidecar gives it one}. The files and
+    sidecars are those scan_images finds (same walk, same exclusions, same choice of sidecar, caption as read), but
+    nothing is decoded, so a file it would skip as corrupt counts too, and an image replaced by another of the very
+    same byte size goes unnoticed. No modification times: copying a folder changes them. Paths are relative, with
+    "/", and keep bytes that are not UTF-8 (as surrogates): the same on every process and machine. {} when the
+    folder does not exist."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return {}
+    files = _walk(root, exclude)
+    sidecars: dict[Path, list[Path]] = {}
+    for f in files:
+        if f.suffix.lower() in CAPTION_EXTENSIONS:
+            sidecars.setdefault(f.with_suffix(""), []).append(f)
+    found = {}
+    for path in files:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            entry = str(path.stat().st_size)
+        except OSError:  # a broken link: scan_images skips it
+            entry = "unreadable"
+        try:
+            caption, sidecar = _caption(sidecars.get(path.with_suffix(""), []) + sidecars.get(path, []), "", None)
+            if sidecar is not None:
+                entry += " " + hashlib.sha256(caption.encode()).hexdigest()[:16]
+        except OSError:
+            entry += " unreadable caption"
+        found[path.relative_to(root).as_posix()] = entry
+    return found
 
 
 def _walk(root: Path, skip: Collection[str | os.PathLike] = ()) -> list[Path]:

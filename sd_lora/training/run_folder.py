@@ -2,21 +2,27 @@
 (another run's folder, a run training there now, folders that cannot be written), the lock a training run holds, and
 --overwrite.
 
-    <output>/run.json          the settings that decide the adapter; a different run is refused
+    <output>/run.json          the settings that decide the adapter; a different run is refused. Also the images'
+                               fingerprint (data.fingerprint): the same files in another folder are the same run
+                               (a moved folder resumes), and files changed in the same folder are the same run
+                               trained on other data (a resume goes on, with a warning that it is not exact)
     <output>/.sd-lora.lock     held (flock) by the main process of the run training there
 """
 
 from __future__ import annotations
 
 import errno
+import operator
 import os
+import shlex
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from sd_lora.training import checkpoint
+from sd_lora.training import checkpoint, data
 from sd_lora.training.checkpoint import read_json, remove, write_json
-from sd_lora.training.config import RUN_FILE, TrainConfig, UsageError
+from sd_lora.training.config import RUN_FILE, TrainConfig, UsageError, say
 
 try:
     import fcntl
@@ -45,25 +51,19 @@ def identity(cfg: TrainConfig) -> dict:
 def check_output(cfg: TrainConfig) -> Path | None:
     """Before anything loads or is written: refuse an output folder that holds another run, or this run's
     checkpoints, unless --resume or --overwrite says what to do with it; refuse a --resume with nothing to resume.
-    Returns the checkpoint to resume from, or None."""
+    Returns the checkpoint to resume from, or None. The main process says what a resume should know (the images
+    folder moved, or its files changed)."""
     check_unlocked(Path(cfg.output))
-    return check_folder(cfg)
+    return check_folder(cfg, notes=say if os.environ.get("RANK", "0") == "0" else None)
 
 
-def check_folder(cfg: TrainConfig) -> Path | None:
-    """check_output without the lock check: the main process runs it again once it holds the lock."""
+def check_folder(cfg: TrainConfig, notes: Callable[[str], None] | None = None) -> Path | None:
+    """check_output without the lock check: the main process runs it again once it holds the lock (without `notes`:
+    they went out the first time)."""
     output = Path(cfg.output)
     previous = owner(output)
     if cfg.resume is not None:
-        found = checkpoint.find_checkpoint(cfg.resume, output)
-        _check_same_run(cfg, read_json(found / RUN_FILE), where=str(found))
-        if previous is not None:
-            _check_same_run(cfg, previous, where=str(output))
-        step = checkpoint.verify(found)["step"]
-        if cfg.epochs is None and step >= cfg.steps:
-            raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
-                             f"pass --steps above {step} to train on")
-        return found
+        return _check_resume(cfg, output, previous, notes)
     saved = checkpoint.checkpoints(output)
     if cfg.overwrite or (previous is not None and abandoned(output)):
         return None
@@ -75,15 +75,46 @@ def check_folder(cfg: TrainConfig) -> Path | None:
             raise UsageError(f"{output} holds {held} but no readable {RUN_FILE} that says which run wrote {it}; "
                              f"pass --overwrite to replace {it}, or choose another --output")
         return None
-    if previous.get("identity") != identity(cfg):
-        field = _first_difference(identity(cfg), _recorded(previous))
-        resume = "--resume latest to continue that run, " if saved else ""
-        raise UsageError(f"{output} holds a different run ({field}); pass {resume}--overwrite to replace it, or "
-                         "choose another --output")
+    images = fingerprint(cfg)
+    status = _images(cfg, previous, images)
+    ours, theirs = _settings(cfg, previous, status, keep=())
+    if ours != theirs:  # --resume is worth suggesting only where it would be taken: --steps or --epochs differ
+        resumable = saved and operator.eq(*_settings(cfg, previous, status, keep=RESUMABLE_CHANGES))
+        resume = "--resume latest to continue that run, " if resumable else ""
+        raise UsageError(f"{output} holds a different run ({_first_difference(ours, theirs)}); pass {resume}"
+                         "--overwrite to replace it, or choose another --output")
+    if saved and status == "changed":  # a resume would go on, but not as the run would have
+        raise UsageError(f"{output} holds this run's checkpoints up to step {saved[-1][0]}, trained on other images "
+                         f"than {cfg.images} holds now ({_changes(previous['dataset'], images)}); pass --overwrite "
+                         "to start over on them, --resume latest to go on from there with them (not as the run "
+                         "would have gone), or choose another --output")
     if saved:
         raise UsageError(f"{output} already holds this run, with checkpoints up to step {saved[-1][0]}; pass "
                          "--resume latest to continue it or --overwrite to start over")
     return None
+
+
+def _check_resume(cfg: TrainConfig, output: Path, previous: dict | None,
+                  notes: Callable[[str], None] | None) -> Path:
+    """The checkpoint --resume names, once it is known to be this run's (and the folder's run too) and to leave
+    something to train. A moved images folder gets a note, changed images a warning, through `notes`."""
+    found = checkpoint.find_checkpoint(cfg.resume, output)
+    images = fingerprint(cfg)
+    said = _check_same_run(cfg, read_json(found / RUN_FILE), images, where=str(found))
+    if previous is not None:
+        _check_same_run(cfg, previous, images, where=str(output))
+    step = checkpoint.verify(found)["step"]
+    if cfg.epochs is None and step >= cfg.steps:
+        raise UsageError(f"--resume: {found} is at step {step}, and --steps {cfg.steps} leaves nothing to train; "
+                         f"pass --steps above {step} to train on")
+    if said and notes:  # only once nothing refuses the resume
+        notes(said)
+    return found
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, str]:
+    """The images' fingerprint, of the files the run trains on: those the loop's scan finds."""
+    return data.fingerprint(cfg.images, exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p])
 
 
 def check_apart(cfg: TrainConfig) -> None:
@@ -128,14 +159,65 @@ def check_writable(cfg: TrainConfig) -> None:
             raise UsageError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
 
 
-def _check_same_run(cfg: TrainConfig, saved: dict | None, where: str) -> None:
+def _check_same_run(cfg: TrainConfig, saved: dict | None, images: dict, where: str) -> str | None:
+    """Refuse to resume a checkpoint (or into a folder) of another run. Returns what the resume should say about
+    the images (moved, or changed in place), or None."""
     if saved is None:
         raise UsageError(f"--resume: {where} has no {RUN_FILE}; it is not a checkpoint of an sd-lora run")
-    ours = {k: v for k, v in identity(cfg).items() if k not in RESUMABLE_CHANGES}
-    theirs = {k: v for k, v in _recorded(saved).items() if k not in RESUMABLE_CHANGES}
+    status = _images(cfg, saved, images)
+    ours, theirs = _settings(cfg, saved, status, keep=RESUMABLE_CHANGES)
     if ours != theirs:
+        hint = ""
+        if status == "moved" and ours["token"] != theirs.get("token"):
+            hint = (f"; the token defaults to the images folder's name: pass --token "
+                    f"{shlex.quote(str(theirs.get('token')))} to continue the run")
         raise UsageError(f"--resume: {where} comes from a different run ({_first_difference(ours, theirs)}); "
-                         "only --steps and --epochs may change when resuming")
+                         f"only --steps and --epochs may change when resuming{hint}")
+    if status == "moved":
+        return f"note: --resume: the images folder moved: {_recorded(saved)['images']} -> {identity(cfg)['images']}"
+    if status == "changed":
+        return (f"warning: --resume: the images in {cfg.images} changed since {where} was saved "
+                f"({_changes(saved['dataset'], images)}): training goes on with them, but not as the original run "
+                "would have")
+    return None
+
+
+def _settings(cfg: TrainConfig, saved: dict, images: str, keep: tuple[str, ...]) -> tuple[dict, dict]:
+    """This run's settings and those `saved` records, but for `keep`, to compare. The images folder's path counts
+    only when the images are "different" (see _images): other files in another folder, or another folder where
+    `saved` has no fingerprint to tell (a run.json written before fingerprints)."""
+    ours = {k: v for k, v in identity(cfg).items() if k not in keep}
+    theirs = {k: v for k, v in _recorded(saved).items() if k not in keep}
+    if images in ("moved", "changed"):
+        theirs["images"] = ours["images"]
+    return ours, theirs
+
+
+def _images(cfg: TrainConfig, saved: dict, images: dict) -> str:
+    """How this run's images compare with those of the run `saved` records: "same", "moved" (the same files in
+    another folder), "changed" (other files in the same folder) or "different" (both, or another folder where
+    `saved` has no fingerprint)."""
+    same_path = identity(cfg)["images"] == _recorded(saved).get("images")
+    recorded = saved.get("dataset")
+    if not (isinstance(recorded, dict) and all(isinstance(v, str) for v in recorded.values())):
+        return "same" if same_path else "different"
+    if recorded == images:
+        return "same" if same_path else "moved"
+    return "changed" if same_path else "different"
+
+
+def _changes(old: dict, new: dict) -> str:
+    """What changed between two fingerprints: "1 image added, 2 removed, 1 changed, 3 recaptioned"."""
+    both = old.keys() & new.keys()
+    replaced = sum(old[k].split(" ")[0] != new[k].split(" ")[0] for k in both)  # another byte size
+    counts = {"added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys()),
+              "changed": replaced, "recaptioned": sum(old[k] != new[k] for k in both) - replaced}
+    parts = [f"{n} {what}" for what, n in counts.items() if n]
+    if not parts:
+        return "the same files"
+    first = parts[0].split(" ", 1)
+    parts[0] = f"{first[0]} image{'s' * (first[0] != '1')} {first[1]}"
+    return ", ".join(parts)
 
 
 def _recorded(run: dict) -> dict:
@@ -240,5 +322,5 @@ def clear_previous_run(output: Path, name: str) -> None:
 
 
 def write_run(cfg: TrainConfig, **extra) -> None:
-    """Record which run owns the folder (main process only)."""
-    write_json(Path(cfg.output) / RUN_FILE, {"identity": identity(cfg), **extra})
+    """Record which run owns the folder, and the images' fingerprint (main process only)."""
+    write_json(Path(cfg.output) / RUN_FILE, {"identity": identity(cfg), "dataset": fingerprint(cfg), **extra})
