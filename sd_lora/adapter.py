@@ -30,12 +30,16 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     """Read and validate a LoRA file in any supported format. Raises AdapterError naming the file and the problem."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise AdapterError(f"{where}: is a folder, not a LoRA file; give the .safetensors file inside it")
     if not path.is_file():
         raise AdapterError(f"{where}: no such file")
     tensors, metadata = _load_tensors(path, allow_pickle)
     keys = list(tensors)
     fmt = detect.detect_format(keys, metadata, where)
-    peft_config = _peft_config_beside(path) if fmt == "diffusers" else None
+    # Only a bare PEFT file relies on the adapter_config.json beside it: a diffusers file ("unet.", "text_encoder.")
+    # keeps its alphas in its own header, or has none, and must not take an unrelated config in the same folder.
+    peft_config = _peft_config_beside(path) if fmt == "diffusers" and detect.FORMATS[fmt].is_bare_peft(keys) else None
     weights = detect.FORMATS[fmt].read(tensors, metadata, source=where, **({"peft_config": peft_config}
                                                                          if peft_config else {}))
     weights.validate()
@@ -80,9 +84,12 @@ def _peft_config_beside(path: Path) -> dict | None:
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg}: not a JSON object (a PEFT LoRA config is one)")
+    return config
 
 
 def save_adapter(weights: AdapterWeights, path: str | os.PathLike, format: str = "kohya",

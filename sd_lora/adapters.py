@@ -14,6 +14,7 @@ module is touched, so a failed load leaves the pipeline exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,13 @@ class Adapters:
     def load(self, source: str | os.PathLike | AdapterWeights, name: str | None = None, weight: float = 1.0,
              allow_pickle: bool = False) -> AdapterInfo:
         """Load an adapter file (any supported format) or AdapterWeights under `name` (default: the file stem)."""
-        weights = source if isinstance(source, AdapterWeights) else read_adapter(source, allow_pickle=allow_pickle)
+        if isinstance(source, AdapterWeights):
+            weights = source
+            weights.validate()  # a file is validated as it is read; weights built in code are checked here
+        else:
+            weights = read_adapter(source, allow_pickle=allow_pickle)
         where = weights.where()
+        weight = _finite(weight, f"adapter {name or Path(where).stem!r}")
         name = name or (Path(weights.source).stem if weights.source else None)
         if not name:
             raise ValueError("give the adapter a name")
@@ -92,7 +98,7 @@ class Adapters:
         if weights.family not in ("unknown", family):
             raise AdapterError(f"{where}: this adapter is for {_FAMILY_NAMES[weights.family]} but the pipeline is "
                                f"{_FAMILY_NAMES[family]}")
-        plan, unmatched = [], []
+        plan, unmatched, seen = [], [], {}
         for key, module in weights.modules.items():
             part, path = key.split(".", 1)
             if part not in self.models:
@@ -106,6 +112,9 @@ class Adapters:
             if hit is None:
                 unmatched.append(key)
                 continue
+            if (part, hit[0]) in seen:  # two names for one module: loading both would fail half-way
+                raise AdapterError(f"{where}: {seen[part, hit[0]]} and {key} name the same module of this model")
+            seen[part, hit[0]] = key
             plan.append((part, hit[0], self._fit(module, hit[1], f"{where}: {key}")))
         if unmatched:
             fam = "" if weights.family == "unknown" else f" (the file says {_FAMILY_NAMES[weights.family]})"
@@ -208,8 +217,8 @@ class Adapters:
             unknown = set(w) - {"unet", "text_encoder"}
             if unknown:
                 raise ValueError(f"adapter {name!r}: unknown part(s) {sorted(unknown)}; use 'unet' and 'text_encoder'")
-            return float(w.get("unet" if part == "unet" else "text_encoder", 0.0))
-        return float(w)
+            return _finite(w.get("unet" if part == "unet" else "text_encoder", 0.0), f"adapter {name!r}")
+        return _finite(w, f"adapter {name!r}")
 
     def _check_name(self, name: str) -> None:
         if name not in self.adapters:
@@ -244,9 +253,10 @@ class Adapters:
     @contextlib.contextmanager
     def scaled(self, factor: float):
         """Scale the whole blend for the calls inside the block. Derived at use time, so nothing stays behind."""
+        factor = _finite(factor, "scaled")
         old = {p: b.scale for p, b in self.blends.items()}
         for b in self.blends.values():
-            b.scale = float(factor)
+            b.scale = factor
             b.bump()
         self._refold_if_merged()
         try:
@@ -363,6 +373,14 @@ class _Clear:
 
     def __exit__(self, *exc):
         self.owner.route(None)
+
+
+def _finite(w, what: str) -> float:
+    """A user weight as a float; NaN or Inf would silently turn every image into NaN (black), so they are refused."""
+    value = float(w)
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: the weight must be a finite number, not {w!r}")
+    return value
 
 
 _FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "unknown": "unknown"}

@@ -84,6 +84,9 @@ class AdapterWeights:
             if m.down.dim() not in (2, 4) or m.up.dim() != m.down.dim():
                 raise AdapterError(f"{self.where()}: {name}: down {tuple(m.down.shape)} and up {tuple(m.up.shape)} "
                                    "are not a LoRA pair (expected 2-D or 4-D tensors of the same kind)")
+            if m.rank < 1:
+                raise AdapterError(f"{self.where()}: {name}: down {tuple(m.down.shape)} has rank 0 (an empty LoRA "
+                                   "pair)")
             if m.up.shape[1] != m.rank:
                 raise AdapterError(f"{self.where()}: {name}: down has rank {m.rank} but up has {m.up.shape[1]} columns")
             for what, t in (("down", m.down), ("up", m.up)):

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import struct
 
 import pytest
@@ -211,3 +212,85 @@ def test_stale_shape_metadata_is_recomputed_but_descriptions_are_kept(pipe, tmp_
     assert (md["ss_network_dim"], md["ss_network_alpha"], md["ss_base_model_version"]) == ("4", "4.0", "sd_v1")
     assert md["modelspec.title"] == "Mozart" and md["modelspec.trigger_phrase"] == "mozart"
     assert path.stat().st_mode & 0o044  # readable by others, like any saved file
+
+
+# ---- malformed files that parse as safetensors: one AdapterError naming the file, never a stray exception ----------
+_STEM = "lora_unet_mid_block_attentions_0_proj_in"
+
+
+@pytest.mark.parametrize("alpha,message", [(torch.tensor([1.0, 2.0]), r"alpha must be one number, got .* \(2,\)"),
+                                           (torch.zeros(0), r"alpha must be one number, got .* \(0,\)")])
+def test_alpha_that_is_not_one_number(tmp_path, alpha, message):
+    save_file(_kohya(**{f"{_STEM}.alpha": alpha}), tmp_path / "a.safetensors")
+    with pytest.raises(AdapterError, match=r"a\.safetensors: module unet\.mid_block\.attentions\.0\.proj_in: "
+                                           + message):
+        read_adapter(tmp_path / "a.safetensors")
+
+
+def test_alpha_as_0d_or_1_element_tensor_reads_the_same(tmp_path):
+    for shape in ((), (1,)):
+        save_file(_kohya(**{f"{_STEM}.alpha": torch.full(shape, 4.0)}), tmp_path / "a.safetensors")
+        assert read_adapter(tmp_path / "a.safetensors").modules["unet.mid_block.attentions.0.proj_in"].scale == 2.0
+
+
+def test_rank_0_pair_is_refused_when_read(tmp_path):
+    """Left in, alpha / rank divides by zero in the first generation after the load (or in `inspect`)."""
+    save_file({f"{_STEM}.lora_down.weight": torch.ones(0, 64, 1, 1), f"{_STEM}.lora_up.weight": torch.ones(64, 0, 1, 1)},
+              tmp_path / "r0.safetensors")
+    with pytest.raises(AdapterError, match=r"r0\.safetensors: unet\.mid_block\.attentions\.0\.proj_in: .* rank 0"):
+        read_adapter(tmp_path / "r0.safetensors")
+
+
+@pytest.mark.parametrize("config,message", [
+    ("[4, 8]", "lora_adapter_metadata in the header is not a JSON object"),
+    (json.dumps({"unet.r": 0, "unet.lora_alpha": 4}), "r=0, lora_alpha=4; expected a positive r"),
+    (json.dumps({"unet.r": 4, "unet.lora_alpha": "four"}), "lora_alpha='four'"),
+    (json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": ["to_q"]}), "alpha_pattern cannot be read"),
+])
+def test_a_broken_peft_config_in_the_header_is_named(tmp_path, config, message):
+    t = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(4, 64, 1, 1),
+         "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(64, 4, 1, 1)}
+    save_file(t, tmp_path / "d.safetensors", metadata={"lora_adapter_metadata": config})
+    with pytest.raises(AdapterError, match=r"d\.safetensors: .*" + re.escape(message)):
+        read_adapter(tmp_path / "d.safetensors")
+
+
+def test_an_adapter_config_beside_that_is_not_an_object_is_named(tmp_path):
+    save_file({"base_model.model.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(4, 64, 1, 1),
+               "base_model.model.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(64, 4, 1, 1)},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not a JSON object"):
+        read_adapter(tmp_path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("keys", [
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
+    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "text_encoder.encoder.layers.0.self_attn.q_proj"),
+])
+def test_two_keys_for_one_module_are_refused_not_silently_merged(tmp_path, keys):
+    """Which of the two would win depends on key order; the file is ambiguous, so it is refused."""
+    down, up = ("lora_down.weight", "lora_up.weight") if keys[0].startswith("lora_") else ("lora_A.weight",
+                                                                                          "lora_B.weight")
+    t = {}
+    for i, stem in enumerate(keys):
+        t[f"{stem}.{down}"], t[f"{stem}.{up}"] = torch.full((2, 64), float(i)), torch.full((64, 2), float(i))
+    save_file(t, tmp_path / "twice.safetensors")
+    with pytest.raises(AdapterError, match=r"twice\.safetensors: two keys name the (down|up) of module "
+                                           r"text_encoder\.encoder\.layers\.0\.self_attn\.q_proj"):
+        read_adapter(tmp_path / "twice.safetensors")
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(AdapterError, match=rf"{re.escape(str(tmp_path))}: is a folder, not a LoRA file"):
+        read_adapter(tmp_path)
+
+
+def test_an_adapter_config_beside_a_diffusers_file_is_not_its_config(pipe, tmp_path):
+    """adapter_config.json belongs to the bare PEFT file PEFT saved with it; a diffusers file in the same folder (a
+    library of LoRAs) keeps its own alphas instead of silently taking that config's scale."""
+    w = random_adapter(pipe, preset="cross-attn", alphas=2.0)
+    save_adapter(w, tmp_path / "pytorch_lora_weights.safetensors", format="diffusers", dtype=torch.float32)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 64}))
+    back = read_adapter(tmp_path / "pytorch_lora_weights.safetensors")
+    assert {m.scale for m in back.modules.values()} == {0.5}

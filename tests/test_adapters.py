@@ -257,3 +257,46 @@ def test_add_trainable_refuses_a_preset_that_matches_no_unet_module_and_changes_
     assert lora.names == [] and lora.trainable_parameters() == []
     with pytest.raises(AdapterError, match="'full' preset matches no module"):  # kohya's set is attention-only too
         lora.add_trainable("style", preset="full")
+
+
+def test_two_names_for_one_module_fail_before_anything_changes(pipe, tmp_path):
+    """Two keys that resolve to one module used to wrap the layer and add the first before failing on the second:
+    the load failed, yet the layer kept the half-loaded adapter and its name could never be loaded again."""
+    lora = sd_lora.attach(pipe)
+    original = _state(pipe)
+    pair = {"lora_A.weight": torch.ones(2, 64, 1, 1) * 0.01, "lora_B.weight": torch.ones(64, 2, 1, 1) * 0.01}
+    save_file({f"unet.mid_block.{a}.proj_in.{k}": t.clone() for a in ("attentions.0", "attentions_0")
+               for k, t in pair.items()},
+              tmp_path / "twice.safetensors")
+    with pytest.raises(AdapterError, match=r"twice\.safetensors: unet\.mid_block\.attentions\.0\.proj_in and "
+                                           r"unet\.mid_block\.attentions_0\.proj_in name the same module"):
+        lora.load(tmp_path / "twice.safetensors")
+    assert lora.layers["unet"] == {}
+    _assert_untouched(pipe, lora, original, [])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_and_change_nothing(pipe, tmp_path, bad):
+    """A NaN or Inf weight turns every image black; it is an error, and the blend stays as it was."""
+    lora = _loaded(pipe, tmp_path, n=1)
+    lora.set_weights({"mozart": 0.5})
+    before = unet_out(pipe)
+    for attempt in (lambda: lora.set_weights({"mozart": bad}), lambda: lora.set_weights({"mozart": {"unet": bad}}),
+                    lambda: lora.route(["mozart", {"mozart": bad}]),
+                    lambda: lora.load(tmp_path / "mozart.safetensors", name="again", weight=bad)):
+        with pytest.raises(ValueError, match="finite number"):
+            attempt()
+    with pytest.raises(ValueError, match="finite number"), lora.scaled(bad):
+        pass
+    assert lora.names == ["mozart"] and lora.get_weights() == {"mozart": {"unet": 0.5, "text_encoder": 0.5}}
+    torch.testing.assert_close(unet_out(pipe), before, atol=0, rtol=0)
+
+
+def test_adapter_weights_built_in_code_are_validated_like_a_file(pipe):
+    lora = sd_lora.attach(pipe)
+    original = _state(pipe)
+    w = random_adapter(pipe, preset="cross-attn")
+    next(iter(w.modules.values())).up[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="contains NaN or Inf"):
+        lora.load(w, name="nan")
+    _assert_untouched(pipe, lora, original, [])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import random_adapter, te_out, unet_out, with_conv_module
 from PIL import Image
+from safetensors.torch import save_file
 
 import sd_lora
 from sd_lora import cli, lowrank, read_adapter
@@ -197,6 +198,8 @@ BAD = {
     "bad size": ["generate", "--prompt", "x", "--size", "65x64", "--out", "{tmp}/out.png"],
     "image suffix": ["generate", "--prompt", "x", "--out", "{tmp}/out.gif"],
     "not a LoRA": ["inspect", "{tmp}/cut.safetensors"],
+    "rank-0 adapter": ["inspect", "{tmp}/rank0.safetensors"],
+    "alpha not one number": ["blend", "{tmp}/alphas.safetensors", "--out", "{tmp}/out.safetensors"],
     "no command": [],
     "unknown flag": ["convert", "{a}", "--to", "kohya", "--out", "{tmp}/out.safetensors", "--fast"],
 }
@@ -204,7 +207,8 @@ BAD = {
 
 SAYS = {"not a number": "the weight after ':' must be a number, got 'heavy'", "nan weight": "finite number",
         "empty checkpoint": "empty.safetensors: not a safetensors file",
-        "checkpoint cut short": "hollow.safetensors: truncated"}
+        "checkpoint cut short": "hollow.safetensors: truncated", "rank-0 adapter": "rank0.safetensors: ",
+        "alpha not one number": "alphas.safetensors: module unet.mid_block.attentions.0.proj_in: alpha must be one"}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -215,6 +219,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, files, tmp_path,
     header = json.dumps({"model.diffusion_model.conv_in.weight": {"dtype": "F32", "shape": [10, 10],
                                                                    "data_offsets": [0, 400]}}).encode()
     (tmp_path / "hollow.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # no tensor bytes
+    stem = "lora_unet_mid_block_attentions_0_proj_in"
+    save_file({f"{stem}.lora_down.weight": torch.ones(0, 64, 1, 1), f"{stem}.lora_up.weight": torch.ones(64, 0, 1, 1)},
+              tmp_path / "rank0.safetensors")
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, 64, 1, 1), f"{stem}.lora_up.weight": torch.ones(64, 2, 1, 1),
+               f"{stem}.alpha": torch.ones(2)}, tmp_path / "alphas.safetensors")
     before = set(tmp_path.iterdir())
     code, _, err = run(capsys, *[x.format(tmp=tmp_path, a=files[0]) for x in BAD[case]])
     assert code == 2

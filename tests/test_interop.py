@@ -97,3 +97,30 @@ def test_kohya_file_with_ldm_unet_names(tmp_path):
     sd_lora.attach(ours).load(tmp_path / "ldm.safetensors")
     torch.testing.assert_close(unet_out(ours), unet_out(ref), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(te_out(ours), te_out(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_processor_era_diffusers_files(tmp_path):
+    """diffusers 0.14-0.2x wrote "<attn>.processor.to_q_lora.down.weight" (UNet) and "<attn>.to_q_lora.down.weight"
+    (CLIP, whose projections are q_proj ... out_proj), without alphas: we read them as diffusers' loader does."""
+    w, ref = _ours(tmp_path, "attn", alphas="none")
+    old = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out",
+           "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+    t = {}
+    for name, m in w.modules.items():
+        part, path = name.split(".", 1)
+        projection = "to_out.0" if path.endswith(".to_out.0") else path.rpartition(".")[2]
+        attn = path[: -len(projection) - 1]
+        stem = (f"unet.{attn}.processor.{old[projection]}_lora" if part == "unet"
+                else f"text_encoder.text_model.{attn}.{old[projection]}_lora")
+        t.update({f"{stem}.down.weight": m.down, f"{stem}.up.weight": m.up})
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight" in t
+    save_file(t, tmp_path / "old.safetensors")
+    ours = sd_lora.load_pipeline("tiny")
+    info = sd_lora.attach(ours).load(tmp_path / "old.safetensors")
+    assert info.format == "diffusers" and info.modules == {p: w.count(p) for p in ("unet", "text_encoder")}
+    torch.testing.assert_close(unet_out(ours), unet_out(ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(te_out(ours), te_out(ref), atol=1e-5, rtol=1e-5)
+    peer = sd_lora.load_pipeline("tiny")
+    peer.load_lora_weights(str(tmp_path), weight_name="old.safetensors", adapter_name="old")
+    torch.testing.assert_close(unet_out(peer), unet_out(ours), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(te_out(peer), te_out(ours), atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import re
 import shutil
 import struct
@@ -25,6 +26,7 @@ import sd_lora
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown base"}
 _SIDECAR_FAMILIES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}  # A1111's "sd version" values
 WEIGHT_RANGE = (-2.0, 2.0)
+MAX_PREVIEW_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -136,7 +138,7 @@ def _read_sidecar(path: Path, entry: Entry) -> dict:
         weight = float(data.get("preferred weight") or 0)
     except (TypeError, ValueError):
         weight = 0.0
-    if weight:  # A1111 writes 0 for "not set"
+    if weight and math.isfinite(weight):  # A1111 writes 0 for "not set"; NaN would reach the slider as null
         entry.weight = min(max(weight, WEIGHT_RANGE[0]), WEIGHT_RANGE[1])
     return data
 
@@ -209,9 +211,9 @@ def _small_image(source: Path | Image.Image | None, size: int = 192) -> Image.Im
     if source is None:
         return None
     try:
-        im = Image.open(source) if isinstance(source, Path) else source
+        im = _open_image(source) if isinstance(source, Path) else source
         im = im.convert("RGB")
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a preview PIL cannot decode only costs the preview, never the app
         return None
     im.thumbnail((size, size))
     return im
@@ -222,8 +224,17 @@ def image_from_data_uri(uri: str) -> Image.Image | None:
         head, data = uri.split(",", 1)
         if not head.startswith("data:image/") or ";base64" not in head:
             return None
-        im = Image.open(io.BytesIO(base64.b64decode(data)))
+        im = _open_image(io.BytesIO(base64.b64decode(data)))
         im.load()
         return im
-    except (OSError, ValueError):  # a bad thumbnail (bad base64, not an image) only costs the preview
+    except Exception:  # noqa: BLE001 - a bad thumbnail (bad base64, not an image, a bomb) only costs the preview
         return None
+
+
+def _open_image(source) -> Image.Image:
+    """Image.open, refusing pictures far larger than any preview before decoding them: an adapter's thumbnail or
+    preview comes from whoever shared the file, and a decompression bomb must not take the app down."""
+    im = Image.open(source)
+    if im.width * im.height > MAX_PREVIEW_PIXELS:
+        raise ValueError(f"a {im.width}x{im.height} preview is larger than any preview needs")
+    return im

@@ -71,29 +71,38 @@ class Studio:
         self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
         self.outputs = Path(outputs).resolve()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the pipeline and its blend: held while a request sets weights and runs
+        self.library_lock = threading.RLock()  # adding adapters: names and files stay unique
+        self.files_lock = threading.Lock()  # picking a free output name and writing it, so two never share one
         self.entries: dict[str, catalog.Entry] = {}
         self.rescan()
 
     # ---- the library ------------------------------------------------------------------------------------------
     def rescan(self) -> list[catalog.Entry]:
         """Load the files in the adapter folders that are not loaded yet. Usable ones are listed first."""
-        known = {e.path for e in self.entries.values()}
-        added = [self.add(p) for p in catalog.scan(self.adapter_dirs) if p.resolve() not in known]
-        if len(added) == len(self.entries):  # the first scan: usable adapters on top
-            self.entries = dict(sorted(self.entries.items(), key=lambda kv: not kv[1].usable))
+        with self.library_lock:  # two rescans at once (or a rescan and an upload) must not add a file twice
+            known = {e.path for e in self.entries.values()}
+            added = [self.add(p) for p in catalog.scan(self.adapter_dirs) if p.resolve() not in known]
+            if len(added) == len(self.entries):  # the first scan: usable adapters on top
+                self.entries = dict(sorted(self.entries.items(), key=lambda kv: not kv[1].usable))
         return added
 
     def add(self, path: Path) -> catalog.Entry:
-        name = catalog.unique_name(path.stem, set(self.entries))
-        entry, weights = catalog.describe(path.resolve(), name, self.family)
-        with self.lock:
-            if entry.usable:
-                try:
-                    self.lora.load(weights, name=name)
-                except sd_lora.AdapterError as e:
-                    entry.error = str(e).replace(str(entry.path), entry.path.name)
-            self.entries = {**self.entries, name: entry}  # a new dict: requests reading the old one are unaffected
+        """Describe and load one adapter file; a file already in the library is not added again."""
+        path = path.resolve()
+        with self.library_lock:
+            entry = next((e for e in self.entries.values() if e.path == path), None)
+            if entry is not None:
+                return entry
+            name = catalog.unique_name(path.stem, set(self.entries))
+            entry, weights = catalog.describe(path, name, self.family)
+            with self.lock:
+                if entry.usable:
+                    try:
+                        self.lora.load(weights, name=name)
+                    except sd_lora.AdapterError as e:
+                        entry.error = str(e).replace(str(entry.path), entry.path.name)
+                self.entries = {**self.entries, name: entry}  # a new dict: requests reading the old one keep it
         return entry
 
     def usable(self) -> list[str]:
@@ -142,9 +151,10 @@ class Studio:
         notes: list[str] = []
 
         def fit(label, value, lo, hi, cast):
-            v = cast(value)
+            v = _number(label, value)
+            v = cast(v) if math.isfinite(v) else v  # an infinite value is clamped like any other
             if v < lo or v > hi:
-                new = min(max(v, lo), hi)
+                new = cast(min(max(v, lo), hi))
                 notes.append(f"{label} {v:g} is out of range ({lo:g}–{hi:g}); using {new:g}")
                 return new
             return v
@@ -154,13 +164,12 @@ class Studio:
         count = fit("batch count", s.count, *LIMITS["count"], int)
         sizes = []
         for label, value in (("width", s.width), ("height", s.height)):
-            v = int(value) or self.native_size
-            v = fit(label, v, *LIMITS["size"], int)
+            v = fit(label, _whole(label, value) or self.native_size, *LIMITS["size"], int)
             if v % 8:
                 notes.append(f"{label} {v} is not a multiple of 8; using {v - v % 8}")
                 v -= v % 8
             sizes.append(v)
-        seed = int(s.seed) if s.seed is not None else -1
+        seed = _whole("seed", s.seed) if s.seed is not None else -1
         if seed < 0:
             seed = random.randint(0, 2**31 - 1)
         else:
@@ -274,6 +283,8 @@ class Studio:
                 raise ValueError(f"no usable adapter named {name!r} to sweep; available: {', '.join(self.usable())}")
         if x_name == y_axis:
             raise ValueError("pick a different adapter (or the seed) for Y than for X")
+        if not all(math.isfinite(float(v)) for v in (*x_range, *y_range)):
+            raise ValueError(f"the sweep's weight ranges must be finite numbers, got X {x_range}, Y {y_range}")
         y_steps = int(min(max(int(y_steps), 1), SWEEP_STEPS))
         xs = _steps(*x_range, SWEEP_STEPS)
         ys = [s.seed + j for j in range(y_steps)] if y_axis == "seed" else _steps(*y_range, y_steps)
@@ -316,24 +327,25 @@ class Studio:
         if rank:
             blended, report = lowrank.resize(blended, rank=int(rank))
             notes.append(f"SVD to rank {int(rank)}: {report.summary()}")
-        path = _free_path(self.outputs / "loras", name.strip() or "blend", ".safetensors")
-        thumbnail = thumbnail if thumbnail and Path(thumbnail).is_file() else None
-        card = {k: v.strip() for k, v in (card or {}).items() if v and v.strip()}
-        card.setdefault("description", "Blend of " + params.lora_tags(weights))
-        md = {"ss_output_name": path.stem, "modelspec.title": card.get("title", path.stem)}
-        md |= {f"modelspec.{key}": card[key] for key in ("author", "license", "description") if key in card}
-        if "trigger" in card:
-            md["modelspec.trigger_phrase"] = card["trigger"]
-        if thumbnail:
-            md["modelspec.thumbnail"] = catalog.thumbnail_data_uri(thumbnail)
-        sd_lora.save_adapter(blended, path, metadata=md)
-        # The sidecars A1111 and this app read, so the file shows its card wherever it is copied to.
-        sidecar = {"description": card["description"], "activation text": card.get("trigger", ""),
-                   "preferred weight": 1.0, "sd version": _SIDECAR_VERSIONS.get(self.family, "Unknown")}
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
-        if thumbnail:
-            with Image.open(thumbnail) as im, atomic_file(path.with_suffix(".preview.png")) as f:
-                im.convert("RGB").save(f, format="PNG")
+        with self.files_lock:  # two exports under one name must not write one file
+            path = _free_path(self.outputs / "loras", name.strip() or "blend", ".safetensors")
+            thumbnail = thumbnail if thumbnail and Path(thumbnail).is_file() else None
+            card = {k: v.strip() for k, v in (card or {}).items() if v and v.strip()}
+            card.setdefault("description", "Blend of " + params.lora_tags(weights))
+            md = {"ss_output_name": path.stem, "modelspec.title": card.get("title", path.stem)}
+            md |= {f"modelspec.{key}": card[key] for key in ("author", "license", "description") if key in card}
+            if "trigger" in card:
+                md["modelspec.trigger_phrase"] = card["trigger"]
+            if thumbnail:
+                md["modelspec.thumbnail"] = catalog.thumbnail_data_uri(thumbnail)
+            sd_lora.save_adapter(blended, path, metadata=md)
+            # The sidecars A1111 and this app read, so the file shows its card wherever it is copied to.
+            sidecar = {"description": card["description"], "activation text": card.get("trigger", ""),
+                       "preferred weight": 1.0, "sd version": _SIDECAR_VERSIONS.get(self.family, "Unknown")}
+            atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+            if thumbnail:
+                with Image.open(thumbnail) as im, atomic_file(path.with_suffix(".preview.png")) as f:
+                    im.convert("RGB").save(f, format="PNG")
         notes.append(f"wrote {path}")
         return Result([(str(path), path.name)], notes)
 
@@ -343,18 +355,36 @@ class Studio:
         items = self._items(weights)
         stem = "tiny" if self.model_name == "tiny" else Path(self.model_name.rstrip("/")).stem
         tags = "+".join(Path(w.source).stem if w.source else "lora" for w, _ in items)[:60]
-        path = _free_path(self.outputs / "checkpoints", f"{stem}-{tags}", ".safetensors" if single_file else "")
-        merge.merge_checkpoint(self.model_name, items, path)
-        notes = [f"merged {len(items)} adapter(s) into {path}"]
-        if single_file:
-            return Result([(str(path), path.name)], notes)
-        archive = path.parent / f"{path.name}.zip"
-        with atomic_file(archive) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:  # weights don't compress
-            for f in sorted(path.rglob("*")):
-                if f.is_file():
-                    z.write(f, Path(path.name) / f.relative_to(path))
+        with self.files_lock:  # two merges under one name must not write one file
+            path = _free_path(self.outputs / "checkpoints", f"{stem}-{tags}", ".safetensors" if single_file else "")
+            merge.merge_checkpoint(self.model_name, items, path)
+            notes = [f"merged {len(items)} adapter(s) into {path}"]
+            if single_file:
+                return Result([(str(path), path.name)], notes)
+            archive = path.parent / f"{path.name}.zip"
+            with atomic_file(archive) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:  # weights don't compress
+                for f in sorted(path.rglob("*")):
+                    if f.is_file():
+                        z.write(f, Path(path.name) / f.relative_to(path))
         notes.append(f"zipped for download: {archive}")
         return Result([(str(archive), archive.name)], notes)
+
+
+def _number(label: str, value) -> float:
+    """A setting as a float, or a ValueError naming it: NaN passes every range test, so it is refused here."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number):
+        raise ValueError(f"{label} must be a number, not {value!r}")
+    return number
+
+
+def _whole(label: str, value) -> float:
+    """`_number` truncated to a whole number, as int() does; an infinite value stays as it is, to be clamped."""
+    number = _number(label, value)
+    return float(int(number)) if math.isfinite(number) else number
 
 
 def _free_path(folder: Path, stem: str, suffix: str) -> Path:

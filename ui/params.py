@@ -11,6 +11,7 @@ whenever the two are equal. The same text is also parsed back (a prompt with tag
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def extract_tags(prompt: str) -> tuple[str, Weights]:
             unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
         except ValueError:
             raise ValueError(f"cannot read the weights in {m.group(0)!r}: use <lora:name:0.8>") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):  # "nan" and "inf" parse as floats
+            raise ValueError(f"the weights in {m.group(0)!r} must be finite numbers")
         found[m.group(1).strip()] = {"unet": unet, "text_encoder": te}
     clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip(" ,")
     return clean, found

@@ -30,6 +30,10 @@ _PAIRS = {
 }
 # attention-processor era names: "<attn>.processor.to_q_lora" -> "<attn>.to_q"
 _PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+# Keys of that era (diffusers 0.14-0.2x): "<attn>.processor.to_q_lora.down.weight" in the UNet and
+# "<attn>.to_q_lora.down.weight" in the text encoder, whose projections are named q_proj ... out_proj.
+_OLD_KEY = re.compile(r"(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _PEFT_PREFIX = "base_model.model."
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -38,21 +42,32 @@ def matches(keys: list[str], metadata: dict[str, str]) -> bool:
     return any(k.endswith(tuple(_PAIRS)) for k in keys)
 
 
+def is_bare_peft(keys: list[str]) -> bool:
+    """Keys without a part prefix: what PEFT's save_pretrained writes, with its config in adapter_config.json."""
+    return not any(k.removeprefix(_PEFT_PREFIX).split(".", 1)[0] in PARTS for k in keys)
+
+
 def _split(key: str) -> tuple[str, str, str] | None:
     """key -> (part, module path, role) or None."""
-    for suffix, role in _PAIRS.items():
-        if key.endswith("." + suffix):
-            path = key[: -len(suffix) - 1]
-            break
+    old = _OLD_KEY.fullmatch(key)
+    if old:
+        path, projection, role = old[1], old[2], old[3]
     else:
-        return None
+        for suffix, role in _PAIRS.items():
+            if key.endswith("." + suffix):
+                path = key[: -len(suffix) - 1]
+                break
+        else:
+            return None
     path = path.removeprefix(_PEFT_PREFIX)
     head, _, rest = path.partition(".")
     if head in PARTS:
         part, path = head, rest
     else:  # bare PEFT file: CLIP paths say which model they belong to
         part = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
-    if ".processor." in path:
+    if old:
+        path = f"{path}.{_PROCESSOR[projection + '_lora'] if part == 'unet' else _OLD_TEXT[projection]}"
+    elif ".processor." in path:
         attn, _, proc = path.rpartition(".processor.")
         path = f"{attn}.{_PROCESSOR.get(proc, proc)}"
     if part != "unet":
@@ -72,8 +87,15 @@ def _alpha(config: dict, path: str, tensor_rank: int) -> float | None:
     """Alpha in our convention (scale = alpha / tensor rank) from a PEFT config, or None without one."""
     if not config or "lora_alpha" not in config:
         return None
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", tensor_rank))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    try:
+        r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", tensor_rank))
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    except (AttributeError, TypeError, re.error) as e:  # patterns that are not {regex: number}
+        raise AdapterError(f"the LoRA config's rank_pattern/alpha_pattern cannot be read: {e}") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (r, alpha)) \
+            or r <= 0:
+        raise AdapterError(f"the LoRA config gives {path} r={r!r}, lora_alpha={alpha!r}; expected a positive r and "
+                           "a finite lora_alpha")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return scale * tensor_rank
 
@@ -89,6 +111,8 @@ def part_configs(metadata: dict[str, str], peft_config: dict | None = None) -> d
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{METADATA_KEY} in the header is not valid JSON: {e}") from e
+    if not isinstance(flat, dict):
+        raise AdapterError(f"{METADATA_KEY} in the header is not a JSON object")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         part, _, field = key.partition(".")
@@ -105,17 +129,23 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
         if split is None:
             raise AdapterError(f"{where}: unexpected key {key!r} in a diffusers/PEFT LoRA file")
         part, path, role = split
-        pairs.setdefault((part, path), {})[role] = t
+        pair = pairs.setdefault((part, path), {})
+        if role in pair:  # e.g. "text_model." and bare CLIP keys, or two naming eras, for one module
+            raise AdapterError(f"{where}: two keys name the {role} of module {part}.{path} (one of them: {key!r})")
+        pair[role] = t
     try:
         configs = part_configs(metadata, peft_config)
+        if not all(isinstance(c, dict) for c in configs.values()):  # adapter_config.json holding a list, say
+            raise AdapterError("the LoRA config is not a JSON object")
+        modules = {}
+        for (part, path), p in pairs.items():
+            if "down" not in p or "up" not in p:
+                raise AdapterError(f"module {part}.{path} has only one half of its LoRA pair "
+                                   f"(missing {'down/lora_A' if 'down' not in p else 'up/lora_B'})")
+            modules[f"{part}.{path}"] = LoRAModule(p["down"], p["up"],
+                                                   _alpha(configs.get(part, {}), path, p["down"].shape[0]))
     except AdapterError as e:
         raise AdapterError(f"{where}: {e}") from None
-    modules = {}
-    for (part, path), p in pairs.items():
-        if "down" not in p or "up" not in p:
-            raise AdapterError(f"{where}: module {part}.{path} has only one half of its LoRA pair "
-                               f"(missing {'down/lora_A' if 'down' not in p else 'up/lora_B'})")
-        modules[f"{part}.{path}"] = LoRAModule(p["down"], p["up"], _alpha(configs.get(part, {}), path, p["down"].shape[0]))
     fmt = "diffusers" if any(k.split(".", 1)[0] in PARTS for k in tensors) else "peft"
     return AdapterWeights(modules, dict(metadata), format=fmt, source=source)
 

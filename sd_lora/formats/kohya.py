@@ -28,13 +28,21 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
         if split is None or split[2] not in _SUFFIXES:
             raise AdapterError(f"{where}: unexpected key {key!r} in a kohya LoRA file")
         part, path, suffix = split
-        parts.setdefault(f"{part}.{path}", {})[_SUFFIXES[suffix]] = t
+        module, role = parts.setdefault(f"{part}.{path}", {}), _SUFFIXES[suffix]
+        if role in module:  # e.g. lora_te_ and lora_te1_ keys for one module: which would win is arbitrary
+            raise AdapterError(f"{where}: two keys name the {role} of module {part}.{path} (one of them: {key!r})")
+        module[role] = t
     modules = {}
     for name, p in parts.items():
         if "down" not in p or "up" not in p:
             missing = "lora_down" if "down" not in p else "lora_up"
             raise AdapterError(f"{where}: module {name} has no {missing}.weight (a down/up pair is incomplete)")
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        alpha = None
+        if "alpha" in p:
+            if p["alpha"].numel() != 1:  # kohya writes a 0-d tensor; a 1-element one is read alike
+                raise AdapterError(f"{where}: module {name}: alpha must be one number, got a tensor of shape "
+                                   f"{tuple(p['alpha'].shape)}")
+            alpha = float(p["alpha"].float().item())
         modules[name] = LoRAModule(p["down"], p["up"], alpha)
     unet_paths = [n[len("unet."):] for n in modules if n.startswith("unet.")]
     naming = "ldm" if unet_paths and all(p.startswith(_LDM_HEADS) for p in unet_paths) else "diffusers"
