@@ -231,7 +231,7 @@ class LoRALayer(nn.Module):
 
     def _concat(self, names: list[str], dtype: torch.dtype) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenated (names, down, up, per-rank-column scale) for the frozen adapters, cached per blend version."""
-        key = (self.blend.version, dtype, self.blend.route is None)
+        key = (self.blend.version, dtype, self.blend.route is None, self.base.weight.device)  # pipe.to() moves it
         if self._cache_key != key:
             active = names if self.blend.route is not None else [n for n in names if self.blend.weight(n) != 0.0]
             if active:

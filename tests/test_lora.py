@@ -218,3 +218,16 @@ def test_fp16_fold_does_not_drift_over_many_cycles():
     assert torch.equal(base.weight, first)
     layer.unfold()
     assert torch.equal(base.weight, original)
+
+
+def test_moving_the_layer_to_another_device_moves_the_blend_with_it(setup):
+    """pipe.to(device) after a forward: the blend's cached factors must follow the weights, not stay behind."""
+    layer, blend, adapters, x = setup
+    blend.weights = {"a": 0.5, "c": -1.0}
+    blend.bump()
+    layer(x)  # caches the concatenated factors on the CPU
+    layer.to("meta")
+    out = layer(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == layer.base(x.to("meta")).shape
+    # meta tensors mix with CPU ones without complaint, where CUDA ones raise: so look at the cached factors
+    assert {t.device.type for t in layer._cache[1:]} == {"meta"}
