@@ -42,20 +42,27 @@ def part_weight(weight, part: str) -> float:
 
 def diffusers_named(w: AdapterWeights, unet_config: dict | None = None) -> AdapterWeights:
     """The same adapter with LDM-named UNet modules renamed to diffusers paths, so files from different tools line
-    up module by module. Without a config, the family's standard layout (SD1.5's block counts for SD1/SD2) is used."""
-    if w.unet_naming != "ldm":
-        return w
-    config = unet_config or UNET_LAYOUTS[w.family]
-    modules = {}
+    up module by module. Without a config, the family's standard layout (SD1.5's block counts for SD1/SD2) is used.
+
+    Two names for one module within the adapter (a dotted path and its `_`-joined form, say) are refused, as
+    Adapters.load refuses them: blended or merged, that module would get its update twice, and written as kohya
+    keys, one of the two would silently vanish."""
+    ldm_named = w.unet_naming == "ldm"
+    config = (unet_config or UNET_LAYOUTS[w.family]) if ldm_named else None
+    modules, seen = {}, {}
     for name, m in w.modules.items():
         part, path = name.split(".", 1)
-        if part == "unet":
+        if part == "unet" and ldm_named:
             try:
                 path = ldm.unet_path_from_ldm(path, config)
             except (KeyError, ValueError) as e:
                 raise AdapterError(f"{w.where()}: {e.args[0]}") from None
+        module = (part, normalize(path))
+        if module in seen:
+            raise AdapterError(f"{w.where()}: {seen[module]} and {name} name the same module")
+        seen[module] = name
         modules[f"{part}.{path}"] = m
-    return replace(w, modules=modules, unet_naming="diffusers")
+    return replace(w, modules=modules, unet_naming="diffusers") if ldm_named else w
 
 
 def blend_exact(items: list[Item], unet_config: dict | None = None) -> AdapterWeights:

@@ -163,6 +163,30 @@ def test_lycoris_types_are_named(tmp_path, key, kind):
         read_adapter(tmp_path / "ly.safetensors")
 
 
+def test_dora_files_are_named_as_dora(pipe, tmp_path):
+    """A DoRA file used to get "unexpected key ... lora_magnitude_vector" (or "... dora_scale"): now one message
+    says what it is. The PEFT files are the ones peft and diffusers write for LoraConfig(use_dora=True)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q", "proj_in"]))
+    peft_state = get_peft_model_state_dict(pipe.unet)
+    assert any(k.endswith(".lora_magnitude_vector") for k in peft_state)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers", unet_lora_layers=peft_state)
+    (tmp_path / "peft").mkdir()
+    save_file({k: v.contiguous() for k, v in peft_state.items()}, tmp_path / "peft" / "adapter_model.safetensors")
+    stem = "lora_unet_mid_block_attentions_0_proj_in"  # what LyCORIS (dora_wd) writes: lora_down/up plus dora_scale
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, 64, 1, 1), f"{stem}.lora_up.weight": torch.ones(64, 2, 1, 1),
+               f"{stem}.alpha": torch.tensor(2.0), f"{stem}.dora_scale": torch.ones(1, 64, 1, 1)},
+              tmp_path / "kohya_dora.safetensors")
+    for path in (tmp_path / "diffusers" / "pytorch_lora_weights.safetensors",
+                 tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "kohya_dora.safetensors"):
+        with pytest.raises(AdapterError, match=rf"^{re.escape(str(path))}: this is a DoRA \(weight-decomposed LoRA\) "
+                                               "network, which sd_lora does not load yet"):
+            read_adapter(path)
+
+
 def test_a_checkpoint_is_not_a_lora(tmp_path):
     save_file({"model.diffusion_model.out.2.weight": torch.ones(2)}, tmp_path / "ckpt.safetensors")
     with pytest.raises(AdapterError, match=r"ckpt\.safetensors: not a LoRA file"):

@@ -182,6 +182,42 @@ def test_bad_adapter_writes_nothing(adapters, base_file, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no output, no temp file
 
 
+def test_two_names_for_one_module_in_one_adapter_are_refused_not_added_twice(adapters, tmp_path):
+    """A diffusers file may name a module by its dotted path and by its `_`-joined form: the reader takes both keys,
+    and Adapters.load refused the file, but merge added that module's update twice, and blend/convert wrote kohya
+    keys in which one of the two vanished. Across two adapters, one module is of course summed."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for path in ("mid_block.attentions.0.proj_in", "mid_block_attentions_0_proj_in"):
+        t[f"unet.{path}.lora_A.weight"] = torch.randn(2, 64, 1, 1, generator=g)
+        t[f"unet.{path}.lora_B.weight"] = torch.randn(64, 2, 1, 1, generator=g)
+    save_file(t, tmp_path / "twice.safetensors")
+    twice = sd_lora.read_adapter(tmp_path / "twice.safetensors")
+    assert len(twice.modules) == 2
+    message = (r"twice\.safetensors: unet\.mid_block\.attentions\.0\.proj_in and "
+               r"unet\.mid_block_attentions_0_proj_in name the same module")
+    with pytest.raises(AdapterError, match=message):
+        sd_lora.attach(sd_lora.load_pipeline("tiny")).load(twice)
+    pipe = sd_lora.load_pipeline("tiny")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(AdapterError, match=message):
+        merge.merge_into_pipeline(pipe, [(adapters["a"], 1.0), (twice, 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # nothing changed
+    for call in (lambda: merge.blend_exact([(twice, 1.0)]), lambda: lowrank.resize(merge.diffusers_named(twice), 1),
+                 lambda: merge.merge_checkpoint("tiny", [(twice, 1.0)], tmp_path / "out.safetensors")):
+        with pytest.raises(AdapterError, match=message):
+            call()
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(AdapterError, match="name the same module"):  # a writer given such weights refuses too
+        sd_lora.save_adapter(twice, tmp_path / "written.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twice.safetensors"]
+    one = sd_lora.AdapterWeights({"unet.mid_block.attentions.0.proj_in": twice.modules[
+        "unet.mid_block.attentions.0.proj_in"]}, family="sd1")
+    assert len(merge.blend_exact([(one, 1.0), (one, 1.0)]).modules) == 1  # two adapters: summed, as before
+
+
 # ---- blending -----------------------------------------------------------------------------------------------------
 def test_exact_blend_equals_loading_both_adapters(items, live, tmp_path):
     blended = merge.blend_exact(items)

@@ -220,6 +220,35 @@ def test_sweep_tiles_are_the_images_each_blend_makes(client):
     assert not np.array_equal(np.asarray(rows[0][0]), np.asarray(rows[0][4]))  # the weight shows in the tiles
 
 
+def test_an_adapter_named_seed_can_be_swept_on_y(tmp_path):
+    """Y "seed" steps the seed, so an adapter named seed could only be swept on X. The Y list now offers it as
+    `<lora:seed>` (what the API takes too), and "seed" keeps stepping the seed."""
+    from ui.app import _y_choices
+    from ui.engine import Settings, Studio
+
+    library = tmp_path / "adapters"
+    library.mkdir()
+    pipe = sd_lora.load_pipeline("tiny")
+    sd_lora.save_adapter(random_adapter(pipe, seed=1, scale=0.3), library / "mozart.safetensors")
+    sd_lora.save_adapter(random_adapter(pipe, seed=2, scale=0.3), library / "seed.safetensors")
+    studio = Studio("tiny", [library], tmp_path / "outputs")
+    assert _y_choices(studio) == ["seed", "mozart", "<lora:seed>"]
+    s = Settings("a red circle", steps=2, seed=7, width=64, height=64)
+    result = studio.sweep(s, {}, "mozart", (0.0, 1.0), "<lora:seed>", (-1.0, 1.0), 2)
+    assert 'Y: "<lora:seed> -1, 1"' in result.parameters
+    assert json.loads(params.read_png(result.images[0][0])["sd-lora"])["sweep"]["y"] == ["<lora:seed>", [-1.0, 1.0]]
+    xs = [0.0, 0.25, 0.5, 0.75, 1.0]
+    rows = [[Image.open(studio.generate(s, studio.parse_weights({"mozart": x, "seed": y})).images[0][0])
+             .convert("RGB") for x in xs] for y in (-1.0, 1.0)]
+    expected = grid.labelled_grid(rows, [f"mozart {params.number(x)}" for x in xs], ["seed -1", "seed 1"],
+                                  title="a red circle")
+    got = np.asarray(Image.open(result.images[0][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 2  # batched vs single: last-bit differences
+    assert 'Y: "Seed 7, 8"' in studio.sweep(s, {}, "seed", (0.0, 1.0), "seed", (0.0, 1.0), 2).parameters
+    with pytest.raises(ValueError, match="no usable adapter named 'ink' to sweep"):
+        studio.sweep(s, {}, "ink", (0.0, 1.0), "seed")
+
+
 def test_export_blend_writes_a_lora_that_sd_lora_and_diffusers_load(app, client):
     thumb = generate(client, {"mozart": 0.8})[0][0]["image"]
     path, notes = client.predict('{"mozart": 0.8, "ink": 0.6}', "duo", 0, "Duo", "Ada", "duo style", "MIT",
@@ -390,6 +419,53 @@ def test_uploads_are_checked_before_they_reach_the_library(tmp_path):
     with pytest.raises(sd_lora.AdapterError, match="junk.safetensors: not a safetensors file"):
         catalog.store_upload(junk, library, "junk.safetensors", 10 << 20)
     assert sorted(p.name for p in library.iterdir()) == ["my_style-2.safetensors", "my_style.safetensors"]
+
+
+def test_simultaneous_uploads_under_one_name_get_their_own_files(tmp_path):
+    """Each upload picked a free name, then moved its file there: two at once could pick the same name, and one
+    user's adapter replaced the other's. A rescan meanwhile could list a half-copied file (a move across
+    filesystems is a copy), which then stayed in the library as a broken adapter."""
+    n, rounds = 16, 24
+    folders = [tmp_path / "adapters" / str(r) for r in range(rounds)]
+    uploads = []
+    for i in range(n):  # one small adapter each, told apart by its values
+        stem = "lora_unet_mid_block_attentions_0_proj_in"
+        uploads.append(tmp_path / f"upload{i}")
+        save_file({f"{stem}.lora_down.weight": torch.full((1, 64, 1, 1), float(i)),
+                   f"{stem}.lora_up.weight": torch.ones(64, 1, 1, 1)}, uploads[-1])
+    contents = {p.read_bytes(): i for i, p in enumerate(uploads)}
+    listed, done = [], threading.Event()
+
+    def rescan():  # what another user's rescan reads meanwhile: only whole adapters
+        while not done.is_set():
+            listed.extend(p.read_bytes() for p in catalog.scan(folders))
+
+    def upload(i, folder, stored, barrier):
+        barrier.wait()
+        stored[i] = catalog.store_upload(uploads[i], folder, "same name.safetensors", 1 << 20)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the moment between "is it free?" and "take it" is hit
+    watcher = threading.Thread(target=rescan)
+    watcher.start()
+    try:
+        for folder in folders:
+            stored, barrier = {}, threading.Barrier(n)
+            threads = [threading.Thread(target=upload, args=(i, folder, stored, barrier)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert len(set(stored.values())) == n, sorted(p.name for p in stored.values())
+            assert {i: contents[p.read_bytes()] for i, p in stored.items()} == {i: i for i in range(n)}
+            assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in stored.values())  # no temp
+    finally:
+        sys.setswitchinterval(switch)
+        done.set()
+        watcher.join()
+    assert listed and all(data in contents for data in listed)
+    (folders[0] / ".upload-abc.safetensors").write_bytes(b"half an upload")  # one still being written
+    assert len(catalog.scan(folders[:1])) == n
 
 
 def test_the_running_app_refuses_uploads_over_its_cap(tmp_path):

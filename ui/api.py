@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui.engine import Result, Settings, Studio
+from ui.engine import SEED_AXIS, Result, Settings, Studio
 
 PROGRESS = gr.Progress()  # gradio gives each request its own tracker in place of this default
 _WARN = ("out of range", "not a multiple", "ignored")  # notes worth a toast, not only a line under the output
@@ -57,7 +57,7 @@ class Endpoints:
               x_to, y_axis, y_from, y_to, y_steps, progress=PROGRESS):
         s = Settings(prompt, negative_prompt, steps, guidance, seed, width, height)
         result = safely(lambda: self.studio.sweep(s, self.studio.parse_weights(weights_json), x_adapter,
-                                                  (float(x_from), float(x_to)), y_axis or "seed",
+                                                  (float(x_from), float(x_to)), y_axis or SEED_AXIS,
                                                   (float(y_from), float(y_to)), int(y_steps), tracker(progress)))
         return result.images, notes(result)
 
@@ -118,7 +118,8 @@ images, notes = c.predict("a violin", "", '{"mozart": 0.8, "ink": {"unet": 0.5, 
 - `/generate(prompt, negative_prompt, weights_json, steps, guidance, seed, width, height[, batch_count])`
 - `/compare(prompt, negative_prompt, weights_json, steps, guidance, seed, width, height)`
 - `/sweep(prompt, negative_prompt, weights_json, steps, guidance, seed, width, height, x_adapter, x_from, x_to,
-  y_axis, y_from, y_to, y_steps)`; `y_axis` is `"seed"` or an adapter name
+  y_axis, y_from, y_to, y_steps)`; `y_axis` is `"seed"` or an adapter name (`"<lora:name>"` also works, and
+  picks an adapter that is itself named "seed")
 - `/export_lora(weights_json, name, rank, title, author, trigger_words, license, description, thumbnail)`;
   rank 0 means exact
 - `/merge_checkpoint(weights_json, single_file)`

@@ -27,7 +27,7 @@ import sd_lora
 from sd_lora.pipeline import default_guidance
 from ui import api, catalog
 from ui.api import PROGRESS, notes, safely, tracker
-from ui.engine import LIMITS, Settings, Studio
+from ui.engine import LIMITS, SEED_AXIS, Settings, Studio, axis_choice
 
 MAX_ROWS = 24  # adapter rows made up front; unused ones stay hidden
 SLOT_FIELDS = ("group", "preview", "card", "on", "weight", "te", "trigger")
@@ -101,7 +101,7 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
                         x_from = gr.Number(0.0, label="X from")
                         x_to = gr.Number(1.0, label="X to")
                     with gr.Row():
-                        y_axis = gr.Dropdown(["seed", *studio.usable()], value="seed", label="Y")
+                        y_axis = gr.Dropdown(_y_choices(studio), value=SEED_AXIS, label="Y")
                         y_from = gr.Number(0.0, label="Y from")
                         y_to = gr.Number(1.0, label="Y to")
                         y_steps = gr.Slider(1, 5, value=3, step=1, label="Y steps")
@@ -158,7 +158,7 @@ def build(studio: Studio, max_upload_mb: int = 512) -> gr.Blocks:
             new = _slot_names(studio)
             rows = [u for i in range(MAX_ROWS) for u in _slot_update(studio, new[i], old[i])]
             return [new, header(studio) + note, _overflow(studio), gr.update(choices=studio.usable()),
-                    gr.update(choices=["seed", *studio.usable()]), *rows]
+                    gr.update(choices=_y_choices(studio)), *rows]
 
         def on_upload(files: list | None, old: list) -> list:
             notes = []
@@ -294,6 +294,11 @@ def _blend_json(names: list, advanced: bool, on: list, weight: list, te: list) -
         if name and on[i]:
             blend[name] = {"unet": weight[i], "text_encoder": te[i]} if advanced and te[i] != weight[i] else weight[i]
     return json.dumps(blend)
+
+
+def _y_choices(studio: Studio) -> list[str]:
+    """The sweep's Y axis: the seed, or an adapter (one named "seed" shows as `<lora:seed>`)."""
+    return [SEED_AXIS, *(axis_choice(n) for n in studio.usable())]
 
 
 def _first(items: list):

@@ -12,16 +12,19 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import struct
-import tempfile
+import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 import sd_lora
+from sd_lora.atomic import make_parents, remove_empty
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown base"}
 _SIDECAR_FAMILIES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}  # A1111's "sd version" values
@@ -86,11 +89,12 @@ _PART_NAMES = {"unet": "UNet", "text_encoder": "text-encoder", "text_encoder_2":
 
 
 def scan(folders: list[Path]) -> list[Path]:
-    """The `.safetensors` files directly inside `folders`, sorted by name within each folder."""
+    """The `.safetensors` files directly inside `folders`, sorted by name within each folder. Hidden names are
+    skipped: they are uploads still being written (and macOS's `._name` resource files)."""
     found = []
     for folder in folders:
         if folder.is_dir():
-            found.extend(sorted(p for p in folder.glob("*.safetensors") if p.is_file()))
+            found.extend(sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")))
     return found
 
 
@@ -170,7 +174,12 @@ def unique_name(stem: str, taken: set[str]) -> str:
 
 
 def store_upload(upload: Path, folder: Path, original_name: str, max_bytes: int) -> Path:
-    """Check an uploaded file (suffix, size, sd_lora's reader) and copy it into `folder` under a free name."""
+    """Check an uploaded file (suffix, size, sd_lora's reader) and copy it into `folder` under a free name.
+
+    The bytes go to a hidden temp file inside `folder` first (`scan` skips hidden names), are fsynced and checked,
+    and only then take their final name, by a hard link that fails when the name is taken. So a rescan never lists
+    half a file (Gradio's temp folder may be on another filesystem, where a move is a copy), and two uploads under
+    one name never overwrite each other."""
     name = Path(original_name).name
     if Path(name).suffix.lower() != ".safetensors":
         raise sd_lora.AdapterError(f"{name}: only .safetensors adapters can be uploaded (pickle files such as "
@@ -179,21 +188,47 @@ def store_upload(upload: Path, folder: Path, original_name: str, max_bytes: int)
     if size > max_bytes:
         raise sd_lora.AdapterError(f"{name}: {size / 2**20:.0f} MB is over the {max_bytes / 2**20:.0f} MB limit")
     stem = re.sub(r"[^\w.\-]+", "_", Path(name).stem).strip("._") or "adapter"
-    with tempfile.TemporaryDirectory() as tmp:
-        # Checked under a .safetensors name whatever the upload's temp name is, so it is only ever parsed as
-        # safetensors (never unpickled), then moved into the library in one step.
-        checked = Path(tmp) / f"{stem}.safetensors"
-        shutil.copyfile(upload, checked)
+    created = make_parents(folder / name)
+    # A .safetensors suffix whatever the upload's temp name is, so it is only ever parsed as safetensors. os.open
+    # applies the umask to 0666 itself (reading the umask means setting it, which races with other threads).
+    tmp = folder / f".upload-{uuid.uuid4().hex}.safetensors"
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f, upload.open("rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            sd_lora.read_adapter(checked)
+            sd_lora.read_adapter(tmp)
         except sd_lora.AdapterError as e:
-            raise sd_lora.AdapterError(str(e).replace(str(checked), name)) from None
-        target, i = folder / f"{stem}.safetensors", 2
-        while target.exists():
-            target, i = folder / f"{stem}-{i}.safetensors", i + 1
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.move(checked, target)
+            raise sd_lora.AdapterError(str(e).replace(str(tmp), name)) from None
+        target = _claim(tmp, folder, stem)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        remove_empty(created)
+        raise
+    tmp.unlink(missing_ok=True)  # the file lives on under its final name
     return target
+
+
+def _claim(tmp: Path, folder: Path, stem: str) -> Path:
+    """Give the complete file `tmp` the first free name of `stem.safetensors`, `stem-2.safetensors`...; a name
+    another upload claimed a moment earlier is never overwritten."""
+    target, i = folder / f"{stem}.safetensors", 2
+    while True:
+        try:
+            os.link(tmp, target)  # one atomic step that fails when the name exists, even for another process
+            return target
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links (FAT, exFAT): exclusive within this app only
+            with _CLAIM_LOCK:
+                if not target.exists():
+                    os.replace(tmp, target)
+                    return target
+        target, i = folder / f"{stem}-{i}.safetensors", i + 1
+
+
+_CLAIM_LOCK = threading.Lock()
 
 
 def thumbnail_data_uri(image_path: str | Path, size: int = 256) -> str:

@@ -33,6 +33,7 @@ Progress = Callable[[float, str], None]
 
 LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "size": (64, 2048), "count": (1, 16), "seed": (0, 2**32 - 1)}
 SWEEP_STEPS = 5
+SEED_AXIS = "seed"  # the sweep's Y value that steps the seed; an adapter named "seed" is picked as "<lora:seed>"
 _SIDECAR_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # A1111's "sd version" sidecar values
 
 
@@ -278,33 +279,36 @@ class Studio:
         """A labelled grid: X is one adapter's weight in 5 steps; Y is another adapter's weight, or the seed."""
         s, notes = self.clamp(replace(s, count=1))
         prompt, weights = self._prompt_tags(s.prompt, weights, notes)
-        for name in (x_name, y_axis):
-            if name != "seed" and name not in self.usable():
+        seeds = y_axis == SEED_AXIS
+        x_name, y_name = axis_adapter(x_name), None if seeds else axis_adapter(y_axis)
+        for name in (x_name, y_name):
+            if name is not None and name not in self.usable():
                 raise ValueError(f"no usable adapter named {name!r} to sweep; available: {', '.join(self.usable())}")
-        if x_name == y_axis:
+        if x_name == y_name:
             raise ValueError("pick a different adapter (or the seed) for Y than for X")
         if not all(math.isfinite(float(v)) for v in (*x_range, *y_range)):
             raise ValueError(f"the sweep's weight ranges must be finite numbers, got X {x_range}, Y {y_range}")
         y_steps = int(min(max(int(y_steps), 1), SWEEP_STEPS))
         xs = _steps(*x_range, SWEEP_STEPS)
-        ys = [s.seed + j for j in range(y_steps)] if y_axis == "seed" else _steps(*y_range, y_steps)
+        ys = [s.seed + j for j in range(y_steps)] if seeds else _steps(*y_range, y_steps)
         base = {n: dict(w) for n, w in weights.items()}  # the other adapters keep their per-part weights
         rows = []
         with self.lock:
             self.lora.set_weights(weights)
             for j, y in enumerate(ys):
-                route = [{**base, x_name: x} if y_axis == "seed" else {**base, x_name: x, y_axis: y} for x in xs]
-                seed = int(y) if y_axis == "seed" else s.seed
+                route = [{**base, x_name: x} if seeds else {**base, x_name: x, y_name: y} for x in xs]
+                seed = int(y) if seeds else s.seed
                 with self.lora.route(route):
                     rows.append(self._run(prompt, s, [seed] * len(xs), progress, f"row {j + 1} of {len(ys)}",
                                           done=j * s.steps, total=len(ys) * s.steps))
         col_labels = [f"{x_name} {params.number(x)}" for x in xs]
-        row_labels = [f"seed {y}" if y_axis == "seed" else f"{y_axis} {params.number(y)}" for y in ys]
+        row_labels = [f"seed {y}" if seeds else f"{y_name} {params.number(y)}" for y in ys]
         image = grid.labelled_grid(rows, col_labels, row_labels, title=prompt[:80])
         extra = {"X": f"<lora:{x_name}> " + ", ".join(params.number(x) for x in xs),
-                 "Y": ("Seed " if y_axis == "seed" else f"<lora:{y_axis}> ") + ", ".join(params.number(y) for y in ys)}
+                 "Y": ("Seed " if seeds else f"<lora:{y_name}> ") + ", ".join(params.number(y) for y in ys)}
         text = self._infotext(prompt, s, s.seed, weights, extra)
-        path = self._save(image, "grids", text, {"sweep": {"x": [x_name, xs], "y": [y_axis, ys]},
+        y_record = SEED_AXIS if seeds else axis_choice(y_name)  # what /sweep takes to make this grid again
+        path = self._save(image, "grids", text, {"sweep": {"x": [x_name, xs], "y": [y_record, ys]},
                                                  **self._record(prompt, s, s.seed, weights)})
         return Result([(path, "weight sweep")], notes, text)
 
@@ -394,6 +398,18 @@ def _free_path(folder: Path, stem: str, suffix: str) -> Path:
         path, i = folder / f"{stem}-{i}{suffix}", i + 1
     folder.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def axis_choice(name: str) -> str:
+    """How adapter `name` is picked as the sweep's Y axis: its name, or A1111's tag `<lora:name>` when the name
+    is the seed axis's own value (no adapter name can hold '<' or ':')."""
+    return f"<lora:{name}>" if name == SEED_AXIS else name
+
+
+def axis_adapter(value: str) -> str:
+    """An adapter named on a sweep axis: `name`, or `<lora:name>`."""
+    tag = re.fullmatch(r"<lora:([^:<>]+)>", value.strip()) if isinstance(value, str) else None
+    return tag[1] if tag else value
 
 
 def _steps(lo: float, hi: float, n: int) -> list[float]:

@@ -7,12 +7,15 @@ from sd_lora.weights import AdapterError, AdapterWeights
 
 FORMATS = {"kohya": kohya, "diffusers": diffusers}
 
+_DORA = "DoRA (weight-decomposed LoRA)"  # LyCORIS/kohya files carry "dora_scale", PEFT ones a magnitude vector
 # LyCORIS network types we recognise but do not load yet: key suffix (after the module stem) -> name users know.
 _UNSUPPORTED = {
     "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "lora_mid.": "LoCon with Tucker decomposition (LyCORIS)",
     "diff": "full-weight diff (LyCORIS)", "oft_": "OFT (LyCORIS)", "w_norm": "DyLoRA/GLoRA (LyCORIS)",
-    "on_input": "IA3 (LyCORIS)",
+    "on_input": "IA3 (LyCORIS)", "dora_scale": _DORA,
 }
+# PEFT's DoRA (use_dora=True) keeps each module's magnitude beside lora_A/lora_B; diffusers writes the same key.
+_PEFT_DORA = "lora_magnitude_vector"
 
 # modelspec architectures and kohya ss_base_model_version values -> family
 _FAMILY_TAGS = {"stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2", "stable-diffusion-xl": "sdxl",
@@ -28,6 +31,8 @@ def unsupported_type(keys: list[str]) -> str | None:
             for head, name in _UNSUPPORTED.items():
                 if suffix.startswith(head):
                     return name
+        if _PEFT_DORA in key.split("."):  # "<path>.lora_magnitude_vector", or "....lora_magnitude_vector.weight"
+            return _DORA
     return None
 
 

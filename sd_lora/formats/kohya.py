@@ -51,12 +51,15 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
 
 def write(weights: AdapterWeights, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Tensors in kohya naming. Alpha is always written, as float32, so scales survive every loader."""
-    out = {}
+    out, written = {}, {}
     for name, m in weights.modules.items():
         part, path = name.split(".", 1)
         if part == "unet" and weights.unet_naming != "diffusers":
             raise AdapterError(f"{weights.where()}: convert LDM-named UNet keys to diffusers names before writing")
         stem = kohya_stem(part, path)
+        if stem in written:  # "a.b.c" and "a.b_c": one set of keys would overwrite the other
+            raise AdapterError(f"{weights.where()}: {written[stem]} and {name} name the same module ({stem})")
+        written[stem] = name
         out[f"{stem}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
         out[f"{stem}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
         out[f"{stem}.alpha"] = torch.tensor(m.alpha_value, dtype=torch.float32)
