@@ -1,24 +1,29 @@
 """Atomic writes: every file sd_lora writes goes to a temp file beside its target, is fsynced, then renamed over it.
 
 A crash or a kill at any moment leaves either the old file or the new one, never half of one, and a failed write
-removes its temp file. The rename keeps the usual mode (0666 minus the umask): mkstemp's 0600 would make saved
-adapters and checkpoints unreadable to anyone else.
+removes its temp file. The temp file is created with the usual mode (0666 minus the umask, applied by the kernel):
+mkstemp's 0600 would make saved adapters and checkpoints unreadable to anyone else, and reading the umask means
+setting it, which races with other threads (the UI writes from several requests at once).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty file with a random hidden name beside `name`, opened for writing: (fd, path)."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def make_parents(path: Path) -> list[Path]:
@@ -44,8 +49,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     created, tmp = make_parents(path), None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_umask())
+        fd, tmp = _create(path.parent, path.name)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

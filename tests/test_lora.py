@@ -222,7 +222,7 @@ def test_fp16_fold_does_not_drift_over_many_cycles():
 
 def test_moving_the_layer_to_another_device_moves_the_blend_with_it(setup):
     """pipe.to(device) after a forward: the blend's cached factors must follow the weights, not stay behind."""
-    layer, blend, adapters, x = setup
+    layer, blend, _adapters, x = setup
     blend.weights = {"a": 0.5, "c": -1.0}
     blend.bump()
     layer(x)  # caches the concatenated factors on the CPU
