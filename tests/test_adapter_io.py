@@ -318,3 +318,18 @@ def test_an_adapter_config_beside_a_diffusers_file_is_not_its_config(pipe, tmp_p
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 64}))
     back = read_adapter(tmp_path / "pytorch_lora_weights.safetensors")
     assert {m.scale for m in back.modules.values()} == {0.5}
+
+
+def test_a_kohya_file_mixing_ldm_and_diffusers_unet_names_is_named(tmp_path):
+    """It used to be read with diffusers naming, and failed on the first mismatched shape or unmatched module."""
+    tensors = {}
+    for stem in ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q",
+                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"):
+        tensors |= {f"{stem}.lora_down.weight": torch.zeros(4, 32), f"{stem}.lora_up.weight": torch.zeros(32, 4),
+                    f"{stem}.alpha": torch.tensor(4.0)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(AdapterError, match=re.escape(
+            f"{path}: its UNet keys mix the original SD (LDM) naming, e.g. input_blocks.1.1.transformer_blocks.0."
+            "attn2.to_q, with diffusers naming, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")):
+        read_adapter(path)

@@ -45,7 +45,12 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
             alpha = float(p["alpha"].float().item())
         modules[name] = LoRAModule(p["down"], p["up"], alpha)
     unet_paths = [n[len("unet."):] for n in modules if n.startswith("unet.")]
-    naming = "ldm" if unet_paths and all(p.startswith(_LDM_HEADS) for p in unet_paths) else "diffusers"
+    ldm_named = [p for p in unet_paths if p.startswith(_LDM_HEADS)]
+    if ldm_named and len(ldm_named) < len(unet_paths):  # half the file would match no module of any model
+        other = next(p for p in unet_paths if not p.startswith(_LDM_HEADS))
+        raise AdapterError(f"{where}: its UNet keys mix the original SD (LDM) naming, e.g. {ldm_named[0]}, with "
+                           f"diffusers naming, e.g. {other}; a LoRA file uses one of them")
+    naming = "ldm" if ldm_named else "diffusers"
     return AdapterWeights(modules, dict(metadata), format="kohya", unet_naming=naming, source=source)
 
 
