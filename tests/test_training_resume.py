@@ -274,6 +274,28 @@ def test_a_renamed_images_folder_resumes_with_the_runs_token(trained, tmp_path, 
                                       f"{renamed.resolve()}\n"
 
 
+def test_a_renamed_folder_without_output_is_pointed_at_its_runs_folder(trained, tmp_path, capsys, no_model,
+                                                                        monkeypatch):
+    """Renamed, the folder also gives another default --output (output/<token>), which holds nothing: the line
+    names the folder beside it whose checkpoints trained on the same images, and the flag that continues them."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained[1], tmp_path / "output" / "inkwash")
+    renamed = moved_images(trained, tmp_path, name="art2")
+    argv = ["--images", str(renamed), "--model", "tiny", "--log-with", "none", "--resume", "latest", "--steps", "6"]
+    code, err = style_main(argv, capsys)
+    assert code == 2 and err.endswith(f"{Path('output') / 'art2'} holds no checkpoint to resume (they are saved "
+                                      "every --save-every steps under <output>/checkpoints); start without --resume. "
+                                      f"{Path('output') / 'inkwash'} holds checkpoints of a run on these same images: "
+                                      "pass --token inkwash to continue it")
+    (tmp_path / "output" / "inkwash").rename(tmp_path / "output" / "kept")  # not where --token alone leads
+    code, err = style_main(argv, capsys)
+    assert code == 2 and err.endswith("pass --token inkwash --output output/kept to continue it")
+    shutil.copy(renamed / "art_1.png", renamed / "art_9.png")
+    code, err = style_main(argv, capsys)
+    assert code == 2 and err.endswith("start without --resume")  # other images: not that run's
+    assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["kept"]
+
+
 def test_what_training_does_not_see_is_no_change(trained, tmp_path, capsys, no_model):
     """A copy has new modification times; a caption re-saved by Notepad (byte-order mark, CRLF) reads the same; a
     stray note, an unused .caption beside the .txt and hidden files are not trained on: the folder only moved."""

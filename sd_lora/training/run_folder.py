@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import operator
 import os
@@ -98,8 +99,12 @@ def _check_resume(cfg: TrainConfig, output: Path, previous: dict | None,
                   notes: Callable[[str], None] | None) -> Path:
     """The checkpoint --resume names, once it is known to be this run's (and the folder's run too) and to leave
     something to train. A moved images folder gets a note, changed images a warning, through `notes`."""
-    found = checkpoint.find_checkpoint(cfg.resume, output)
     images = fingerprint(cfg)
+    try:
+        found = checkpoint.find_checkpoint(cfg.resume, output)
+    except UsageError as e:
+        hint = _same_images_beside(cfg, output, images) if cfg.resume == "latest" else None
+        raise UsageError(f"{e}. {hint}" if hint else str(e)) from None
     said = _check_same_run(cfg, read_json(found / RUN_FILE), images, where=str(found))
     if previous is not None:
         _check_same_run(cfg, previous, images, where=str(output))
@@ -110,6 +115,27 @@ def _check_resume(cfg: TrainConfig, output: Path, previous: dict | None,
     if said and notes:  # only once nothing refuses the resume
         notes(said)
     return found
+
+
+def _same_images_beside(cfg: TrainConfig, output: Path, images: dict) -> str | None:
+    """After the images folder was renamed, the default --output (output/<token>) is another folder: name the
+    folder beside it whose checkpoints trained on these very images, and the flags that continue that run."""
+    if not images or not output.parent.is_dir():
+        return None
+    for folder in sorted(output.parent.iterdir()):
+        run = owner(folder) if folder.is_dir() and folder != output else None
+        if not (run and run.get("dataset") == images and checkpoint.checkpoints(folder)):
+            continue
+        settings = _recorded(run)
+        token, name = settings.get("token"), settings.get("name")
+        flags = {"--token": token}
+        if isinstance(token, str) and token:
+            again = dataclasses.replace(cfg, token=token, name=None, output=None).resolved()
+            flags |= {"--name": None if again.name == name else name,
+                      "--output": None if Path(again.output).resolve() == folder.resolve() else str(folder)}
+        given = " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items() if value is not None)
+        return f"{folder} holds checkpoints of a run on these same images: pass {given} to continue it"
+    return None
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, str]:
