@@ -468,6 +468,26 @@ def test_simultaneous_uploads_under_one_name_get_their_own_files(tmp_path):
     assert len(catalog.scan(folders[:1])) == n
 
 
+def test_uploads_a_killed_app_left_behind_are_removed_at_startup(tmp_path):
+    """An app killed mid-upload left its hidden temp file in the adapter folder for good: scans skip hidden names.
+    The next start removes it, once it is old; a fresh one may be another app's upload still being copied."""
+    from ui.engine import Studio
+
+    library = tmp_path / "adapters"
+    library.mkdir()
+    outside = tmp_path / "elsewhere.safetensors"
+    hours_ago = time.time() - 2 * 3600
+    names = [".upload-1a2b.safetensors", ".upload-3c4d.safetensors", "._mozart.safetensors", ".upload-5e6f.json"]
+    for path in (*(library / name for name in names), outside):
+        path.write_bytes(b"half an upload")
+    (library / ".upload-link.safetensors").symlink_to(outside)  # not a temp file store_upload makes: left alone
+    for path in (library / names[0], library / names[2], library / names[3], outside):
+        os.utime(path, (hours_ago, hours_ago))
+    studio = Studio("tiny", [library], tmp_path / "outputs")
+    assert sorted(p.name for p in library.iterdir()) == sorted([*names[1:], ".upload-link.safetensors"])
+    assert outside.is_file() and studio.entries == {}
+
+
 def test_the_running_app_refuses_uploads_over_its_cap(tmp_path):
     import httpx
 

@@ -15,8 +15,10 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "un
 _SIDECAR_FAMILIES = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}  # A1111's "sd version" values
 WEIGHT_RANGE = (-2.0, 2.0)
 MAX_PREVIEW_PIXELS = 4096 * 4096
+UPLOAD_PREFIX = ".upload-"  # store_upload's hidden temp files: `.upload-<uuid>.safetensors`
+STALE_UPLOAD_S = 3600.0  # a temp file not written to for an hour belongs to no running upload
 
 
 @dataclass
@@ -179,7 +183,8 @@ def store_upload(upload: Path, folder: Path, original_name: str, max_bytes: int)
     The bytes go to a hidden temp file inside `folder` first (`scan` skips hidden names), are fsynced and checked,
     and only then take their final name, by a hard link that fails when the name is taken. So a rescan never lists
     half a file (Gradio's temp folder may be on another filesystem, where a move is a copy), and two uploads under
-    one name never overwrite each other."""
+    one name never overwrite each other. A temp file left by an app killed mid-copy goes at the next start
+    (`remove_stale_uploads`)."""
     name = Path(original_name).name
     if Path(name).suffix.lower() != ".safetensors":
         raise sd_lora.AdapterError(f"{name}: only .safetensors adapters can be uploaded (pickle files such as "
@@ -191,7 +196,7 @@ def store_upload(upload: Path, folder: Path, original_name: str, max_bytes: int)
     created = make_parents(folder / name)
     # A .safetensors suffix whatever the upload's temp name is, so it is only ever parsed as safetensors. os.open
     # applies the umask to 0666 itself (reading the umask means setting it, which races with other threads).
-    tmp = folder / f".upload-{uuid.uuid4().hex}.safetensors"
+    tmp = folder / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}.safetensors"
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f, upload.open("rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)
@@ -229,6 +234,26 @@ def _claim(tmp: Path, folder: Path, stem: str) -> Path:
 
 
 _CLAIM_LOCK = threading.Lock()
+
+
+def remove_stale_uploads(folders: list[Path], max_age: float = STALE_UPLOAD_S) -> list[Path]:
+    """Delete `store_upload`'s temp files that no upload will finish: the app was killed mid-copy, and scans skip
+    hidden names, so they would stay forever. Only those not written to for `max_age` seconds go: a younger one may
+    be another app's upload into the same folder, still being copied (each write renews its mtime, and the copy
+    never takes the source's times). Returns the files removed."""
+    cutoff, removed = time.time() - max_age, []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"{UPLOAD_PREFIX}*.safetensors"):
+            try:
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:  # never a link, nor what it points to
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone meanwhile, or not ours to delete: a leftover must not stop the app starting
+                pass
+    return removed
 
 
 def thumbnail_data_uri(image_path: str | Path, size: int = 256) -> str:

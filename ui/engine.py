@@ -14,7 +14,6 @@ import re
 import threading
 import time
 import uuid
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +22,9 @@ import torch
 from PIL import Image
 
 import sd_lora
-from sd_lora import grid, lowrank, merge
-from sd_lora.atomic import atomic_file, atomic_write_bytes
+from sd_lora import grid
 from sd_lora.formats.detect import model_family
-from ui import catalog, params
+from ui import catalog, exports, params
 
 Weights = params.Weights
 Progress = Callable[[float, str], None]
@@ -34,7 +32,6 @@ Progress = Callable[[float, str], None]
 LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "size": (64, 2048), "count": (1, 16), "seed": (0, 2**32 - 1)}
 SWEEP_STEPS = 5
 SEED_AXIS = "seed"  # the sweep's Y value that steps the seed; an adapter named "seed" is picked as "<lora:seed>"
-_SIDECAR_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # A1111's "sd version" sidecar values
 
 
 @dataclass
@@ -76,6 +73,7 @@ class Studio:
         self.library_lock = threading.RLock()  # adding adapters: names and files stay unique
         self.files_lock = threading.Lock()  # picking a free output name and writing it, so two never share one
         self.entries: dict[str, catalog.Entry] = {}
+        catalog.remove_stale_uploads(self.adapter_dirs)  # left by an app killed mid-upload; scans never list them
         self.rescan()
 
     # ---- the library ------------------------------------------------------------------------------------------
@@ -312,8 +310,8 @@ class Studio:
                                                  **self._record(prompt, s, s.seed, weights)})
         return Result([(path, "weight sweep")], notes, text)
 
-    # ---- merge & export -----------------------------------------------------------------------------------------
-    def _items(self, weights: Weights) -> list[tuple[sd_lora.AdapterWeights, dict[str, float]]]:
+    # ---- merge & export (ui/exports.py writes the files) --------------------------------------------------------
+    def _items(self, weights: Weights) -> exports.Items:
         active = {n: w for n, w in weights.items() if w["unet"] or w["text_encoder"]}
         if not active:
             raise ValueError("the blend is empty: enable at least one adapter with a non-zero weight")
@@ -325,53 +323,17 @@ class Studio:
         """One kohya LoRA file equal to the blend: exact (ranks concatenated) when `rank` is None, else SVD to `rank`.
         `card` holds title, author, trigger, license and description for the modelspec metadata; `thumbnail` is an
         image file (the app passes the last generated image)."""
-        items = self._items(weights)
-        blended = merge.blend_exact(items, dict(self.pipe.unet.config))
-        notes = [f"exact blend of {len(items)} adapter(s): rank {'/'.join(map(str, sorted(blended.ranks)))}"]
-        if rank:
-            blended, report = lowrank.resize(blended, rank=int(rank))
-            notes.append(f"SVD to rank {int(rank)}: {report.summary()}")
-        with self.files_lock:  # two exports under one name must not write one file
-            path = _free_path(self.outputs / "loras", name.strip() or "blend", ".safetensors")
-            thumbnail = thumbnail if thumbnail and Path(thumbnail).is_file() else None
-            card = {k: v.strip() for k, v in (card or {}).items() if v and v.strip()}
-            card.setdefault("description", "Blend of " + params.lora_tags(weights))
-            md = {"ss_output_name": path.stem, "modelspec.title": card.get("title", path.stem)}
-            md |= {f"modelspec.{key}": card[key] for key in ("author", "license", "description") if key in card}
-            if "trigger" in card:
-                md["modelspec.trigger_phrase"] = card["trigger"]
-            if thumbnail:
-                md["modelspec.thumbnail"] = catalog.thumbnail_data_uri(thumbnail)
-            sd_lora.save_adapter(blended, path, metadata=md)
-            # The sidecars A1111 and this app read, so the file shows its card wherever it is copied to.
-            sidecar = {"description": card["description"], "activation text": card.get("trigger", ""),
-                       "preferred weight": 1.0, "sd version": _SIDECAR_VERSIONS.get(self.family, "Unknown")}
-            atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
-            if thumbnail:
-                with Image.open(thumbnail) as im, atomic_file(path.with_suffix(".preview.png")) as f:
-                    im.convert("RGB").save(f, format="PNG")
-        notes.append(f"wrote {path}")
+        path, notes = exports.write_lora(self._items(weights), weights, dict(self.pipe.unet.config),
+                                         self.outputs / "loras", name, self.family, self.files_lock,
+                                         rank=rank, card=card, thumbnail=thumbnail)
         return Result([(str(path), path.name)], notes)
 
     def merge_checkpoint(self, weights: Weights, single_file: bool = True) -> Result:
         """The base model with the blend folded in: an original-SD single .safetensors file (what A1111 and ComfyUI
         load), or a diffusers folder offered as a .zip."""
-        items = self._items(weights)
-        stem = "tiny" if self.model_name == "tiny" else Path(self.model_name.rstrip("/")).stem
-        tags = "+".join(Path(w.source).stem if w.source else "lora" for w, _ in items)[:60]
-        with self.files_lock:  # two merges under one name must not write one file
-            path = _free_path(self.outputs / "checkpoints", f"{stem}-{tags}", ".safetensors" if single_file else "")
-            merge.merge_checkpoint(self.model_name, items, path)
-            notes = [f"merged {len(items)} adapter(s) into {path}"]
-            if single_file:
-                return Result([(str(path), path.name)], notes)
-            archive = path.parent / f"{path.name}.zip"
-            with atomic_file(archive) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:  # weights don't compress
-                for f in sorted(path.rglob("*")):
-                    if f.is_file():
-                        z.write(f, Path(path.name) / f.relative_to(path))
-        notes.append(f"zipped for download: {archive}")
-        return Result([(str(archive), archive.name)], notes)
+        path, notes = exports.write_checkpoint(self._items(weights), self.model_name, self.outputs / "checkpoints",
+                                               self.files_lock, single_file)
+        return Result([(str(path), path.name)], notes)
 
 
 def _number(label: str, value) -> float:
@@ -391,15 +353,6 @@ def _whole(label: str, value) -> float:
     return float(int(number)) if math.isfinite(number) else number
 
 
-def _free_path(folder: Path, stem: str, suffix: str) -> Path:
-    stem = re.sub(r"[^\w.+\-]+", "_", stem).strip("._") or "out"
-    path, i = folder / f"{stem}{suffix}", 2
-    while path.exists() or (path.parent / f"{path.name}.zip").exists():
-        path, i = folder / f"{stem}-{i}{suffix}", i + 1
-    folder.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def axis_choice(name: str) -> str:
     """How adapter `name` is picked as the sweep's Y axis: its name, or A1111's tag `<lora:name>` when the name
     is the seed axis's own value (no adapter name can hold '<' or ':')."""
@@ -416,4 +369,3 @@ def _steps(lo: float, hi: float, n: int) -> list[float]:
     if n == 1:
         return [float(lo)]
     return [round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)]
-
