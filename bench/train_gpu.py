@@ -37,7 +37,8 @@ from train_peers import RANK, Reference
 from train_step import build, make_images, reset_accelerate
 
 from sd_lora.training import TrainConfig, loop, prepare
-from sd_lora.training.data import assign_buckets, scan_images
+from sd_lora.training.buckets import assign_buckets
+from sd_lora.training.data import scan_images
 
 VARIANTS = ["ours", "reference", "ours-xformers", "ours-compile"]  # in the order they run at each batch size
 

@@ -61,8 +61,9 @@ from train_peers import RANK, FullFineTune, Reference, state_bytes
 
 import sd_lora
 from sd_lora.training import TrainConfig, loop, prepare
+from sd_lora.training.buckets import assign_buckets
 from sd_lora.training.caches import LiveLatents
-from sd_lora.training.data import assign_buckets, scan_images
+from sd_lora.training.data import scan_images
 
 # The public SD1.5 (stable-diffusion-v1-5) VAE config.
 SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,

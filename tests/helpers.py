@@ -160,7 +160,8 @@ def step_gradients(images: Path, output: Path, steps: int = 2, **changes) -> lis
 
     import sd_lora
     from sd_lora.training import loop, prepare
-    from sd_lora.training.data import assign_buckets, scan_images
+    from sd_lora.training.buckets import assign_buckets
+    from sd_lora.training.data import scan_images
 
     cfg = train_config(images, output, **changes).resolved()
     pipe = sd_lora.load_pipeline("tiny")

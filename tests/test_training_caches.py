@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from sd_lora.training import caches
+from sd_lora.training.buckets import assign_buckets
 from sd_lora.training.caches import LatentCache, LiveLatents, TextCache, encode_text, sample_latents, tokenize
-from sd_lora.training.data import assign_buckets, scan_images
+from sd_lora.training.data import scan_images
 
 KEYS = [(0, False), (0, True), (1, False), (1, True)]
 PROMPT = "an image in the style of mozart"

@@ -2,7 +2,7 @@
 (image, flip), in RAM or on disk, and the frozen text encoder's embedding of every caption. The uncached paths
 (LiveLatents, encode_text) compute exactly the same tensors, so caching on or off gives the same first-step loss.
 
-A key is (record index, flipped), as in data.py's BucketSampler.
+A key is (record index, flipped), as in buckets.py's BucketSampler.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from sd_lora.atomic import atomic_write_bytes
+from sd_lora.training.buckets import Key, pixels
 from sd_lora.training.config import one_line, say
-from sd_lora.training.data import ImageRecord, Key, pixels
+from sd_lora.training.data import ImageRecord
 
 CACHE_VERSION = 1  # bump when the pixels fed to the VAE change for the same file
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from sd_lora.training import checkpoint, host_memory, prepare, report, run_folder
+from sd_lora.training.buckets import BucketSampler, assign_buckets, bucket_counts
 from sd_lora.training.caches import (
     LatentCache,
     LiveLatents,
@@ -35,7 +36,7 @@ from sd_lora.training.caches import (
     tokenize,
 )
 from sd_lora.training.config import TrainConfig, TrainingError, UsageError, say
-from sd_lora.training.data import BucketSampler, assign_buckets, bucket_counts, scan_images, tag_frequency
+from sd_lora.training.data import scan_images, tag_frequency
 from sd_lora.training.objective import diffusion_loss
 
 NAN_LIMIT = 10  # this many NaN/Inf steps in a row stop the run

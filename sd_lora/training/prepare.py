@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from sd_lora.training.buckets import assign_buckets
 from sd_lora.training.class_images import generate_class_images
 from sd_lora.training.config import TrainConfig, UsageError, say
-from sd_lora.training.data import assign_buckets, count_usable_images, scan_images
+from sd_lora.training.data import count_usable_images, scan_images
 
 WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' LoRA scripts use
 # From twice its native size up (1024 px for SD1.5), a model trains on images it never learned to make, and a step
