@@ -243,6 +243,26 @@ def resume_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith(("note: ", "warning: --resume"))]
 
 
+def test_run_json_records_the_images_as_scanned_not_as_edited_while_the_model_loads(tmp_path, monkeypatch):
+    """An image added after the scan is not trained on, so run.json must not say it was: a resume would then take
+    the changed folder for the one the run trained on."""
+    import sd_lora
+
+    images, pipe = style_folder(tmp_path), sd_lora.load_pipeline("tiny")
+    as_scanned = run_folder.fingerprint(config(images, tmp_path / "out").resolved())
+    moved_to = pipe.to
+
+    def to(*args, **kwargs):  # the trainer moves the model to its device after the scan: a user adds an image
+        if not (images / "late.png").exists():
+            shutil.copy(images / "art_1.png", images / "late.png")
+        return moved_to(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "to", to)
+    loop.train(config(images, tmp_path / "out", steps=1), pipe=pipe)
+    assert (images / "late.png").exists() and "late.png" not in as_scanned
+    assert json.loads((tmp_path / "out" / run_folder.RUN_FILE).read_text())["dataset"] == as_scanned
+
+
 def test_a_moved_images_folder_resumes_and_ends_where_an_uninterrupted_run_does(trained, tmp_path, capsys):
     """run.json recorded the images folder's path only, so after `mv` the run's checkpoints were "a different run":
     progress lost, or --overwrite. The same files elsewhere are the same run: one note, and the adapter of the run

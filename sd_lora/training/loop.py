@@ -53,6 +53,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
     records = scan_images(cfg.images, caption=cfg.prompt, token=cfg.token,  # before any model loads
                           exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p],  # what we write
                           **({} if main else {"warn": None}))
+    dataset = run_folder.fingerprint(cfg)  # what run.json records as trained on: the files scanned just now
     resume_from = run_folder.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
     run_folder.check_writable(cfg)
     pipe = pipe or prepare.load_model(cfg.model)
@@ -64,7 +65,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
         if main:  # held until the run ends: a second run in this folder is refused, not mixed in
             lock = run_folder.OutputLock(Path(cfg.output))
             run_folder.check_folder(cfg)  # again, under the lock: another run may have written here meanwhile
-        result = _train(cfg, records, resume_from, accelerator, pipe)
+        result = _train(cfg, records, dataset, resume_from, accelerator, pipe)
         accelerator.end_training()
         return result
     finally:
@@ -80,7 +81,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
         GradientState._reset_state()
 
 
-def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
+def _train(cfg: TrainConfig, records, dataset: dict, resume_from, accelerator, pipe) -> dict:
     started, main, out = time.time(), accelerator.is_main_process, Path(cfg.output)
     resolution = cfg.resolution or prepare.native_resolution(pipe)
     prepare.warn_sizes(cfg, pipe, notice=main)  # a --resolution or --rank far beyond what the model can use
@@ -97,7 +98,7 @@ def _train(cfg: TrainConfig, records, resume_from, accelerator, pipe) -> dict:
         checkpoint.remove_stale(out)
         if resume_from is not None:  # going back to an earlier checkpoint drops the later ones
             checkpoint.drop_after(out, trainer.state.step)
-        run_folder.write_run(cfg, started=started)
+        run_folder.write_run(cfg, dataset, started=started)
     first = trainer.state.step
     accelerator.init_trackers("sd-lora", config={k: report.loggable(v) for k, v in run_folder.identity(cfg).items()})
     if main:

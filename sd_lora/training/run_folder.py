@@ -347,6 +347,9 @@ def clear_previous_run(output: Path, name: str) -> None:
             remove(output / f"{old}{suffix}")
 
 
-def write_run(cfg: TrainConfig, **extra) -> None:
-    """Record which run owns the folder, and the images' fingerprint (main process only)."""
-    write_json(Path(cfg.output) / RUN_FILE, {"identity": identity(cfg), "dataset": fingerprint(cfg), **extra})
+def write_run(cfg: TrainConfig, dataset: dict | None = None, **extra) -> None:
+    """Record which run owns the folder, and the images' fingerprint (main process only). `dataset`: the fingerprint
+    taken when the run scanned its images (files changed while the model loaded are not what it trains on);
+    default: taken now."""
+    write_json(Path(cfg.output) / RUN_FILE,
+               {"identity": identity(cfg), "dataset": fingerprint(cfg) if dataset is None else dataset, **extra})
