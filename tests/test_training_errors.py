@@ -212,6 +212,20 @@ def test_ctrl_c_or_sigterm_while_torch_loads_is_one_line(tmp_path, sig, code):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_while_another_process_waits_to_report_a_bad_flag_is_one_line(tmp_path):
+    """Under a multi-process launch the other processes wait before reporting a bad flag (the main one reports it);
+    the launcher stops them with SIGTERM meanwhile, which gave a traceback from inside the wait."""
+    proc = subprocess.Popen([sys.executable, str(STYLE), "--images", str(tmp_path), "--rank", "0"],
+                            env=env(RANK="1"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    started = time.monotonic()
+    time.sleep(8)  # the imports take a few seconds; then it waits up to 20 s
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert time.monotonic() - started < 20  # stopped in the wait, before it reported the flag itself
+    assert proc.returncode == 143 and err.splitlines() == ["style.py: interrupted while starting; nothing to resume"]
+
+
 def test_a_size_far_above_what_the_model_can_use_gets_one_warning(pipe, tmp_path, capsys):
     """--resolution 4x the tiny model's 64 px costs 16x per step; --rank 48 is above the 32 inputs or outputs of
     some layers it trains, whose update cannot have a higher rank. Both still train, with one line each."""

@@ -76,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        config = parse(argv)
-    except UsageError as e:
-        return _usage_error(str(e))
+        try:
+            config = parse(argv)
+        except UsageError as e:
+            return _usage_error(str(e))
+    except KeyboardInterrupt as e:  # while parsing, or while another process waits to report a bad flag
+        print(STARTING, file=sys.stderr)
+        return _stopped(e)
     try:
         from sd_lora.training import train
 
