@@ -24,6 +24,10 @@ __all__ = ["AdapterError", "AdapterWeights", "LoRAModule", "atomic_write_bytes",
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ARCH = {"sd1": ("sd_v1", "stable-diffusion-v1/lora", 512), "sd2": ("sd_v2", "stable-diffusion-v2-768-v/lora", 768),
          "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", 1024)}
+# SD2.x-base (epsilon, 512 px) and SD2.x-768-v (v-prediction) share every weight shape, so only a stated
+# modelspec.prediction_type tells them apart; these are the values kohya's sai_model_spec.py and model_util.py write.
+_SD2_BY_PREDICTION = {"epsilon": ("sd_v2", "stable-diffusion-v2-512/lora", 512),
+                      "v": ("sd_v2_v", "stable-diffusion-v2-768-v/lora", 768)}
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterWeights:
@@ -99,7 +103,8 @@ def save_adapter(weights: AdapterWeights, path: str | os.PathLike, format: str =
     weights.validate()
     if format == "kohya":
         tensors = detect.FORMATS["kohya"].write(weights, dtype)
-        header = standard_metadata(weights, path)
+        stated = {**weights.metadata, **(metadata or {})}
+        header = standard_metadata(weights, path, stated.get("modelspec.prediction_type"))
     elif format == "diffusers":
         tensors, header = detect.FORMATS["diffusers"].write(weights, dtype)
     else:
@@ -117,19 +122,24 @@ def save_adapter(weights: AdapterWeights, path: str | os.PathLike, format: str =
     return path
 
 
-def standard_metadata(weights: AdapterWeights, path: Path) -> dict[str, str]:
-    """What A1111/ComfyUI and model sites read: base family, network settings, a ModelSpec title and date."""
+def standard_metadata(weights: AdapterWeights, path: Path, prediction_type: str | None = None) -> dict[str, str]:
+    """What A1111/ComfyUI and model sites read: base family, network settings, a ModelSpec title and date.
+    `prediction_type` (ModelSpec's "epsilon" or "v") picks SD2's architecture; without one, SD2 means 768-v."""
     family = weights.family if weights.family in _ARCH else "sd1"
     ss_version, arch, resolution = _ARCH[family]
+    if family == "sd2" and prediction_type in _SD2_BY_PREDICTION:
+        ss_version, arch, resolution = _SD2_BY_PREDICTION[prediction_type]
     ranks = sorted(weights.ranks)
     alphas = sorted({m.alpha_value for m in weights.modules.values()})
+    # modelspec.date in UTC with its offset: a date without one is read as the reader's local time (JavaScript's Date
+    # in model browsers, Python's fromisoformat)
     md = {
         "ss_base_model_version": ss_version, "ss_v2": str(family == "sd2"), "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks[-1] if ranks else 0), "ss_network_alpha": str(alphas[-1] if alphas else 0),
         "ss_output_name": path.stem, "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": arch,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
         else "diffusers", "modelspec.title": path.stem,
-        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
     # Carry the adapter's own descriptive metadata (title, trigger phrase, training settings), never stale facts

@@ -1,9 +1,11 @@
 """sd_lora.adapter and sd_lora.formats: reading and writing files, metadata, and every kind of bad file."""
 
+import datetime
 import hashlib
 import json
 import re
 import struct
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 
 import sd_lora
 from sd_lora import AdapterError, read_adapter, save_adapter
+from sd_lora.weights import AdapterWeights, LoRAModule
 
 
 def _same(a, b):
@@ -89,6 +92,36 @@ def test_family_from_metadata_and_shapes(tmp_path):
     assert read_adapter(tmp_path / "xl.safetensors").family == "sdxl"
     save_file(t, tmp_path / "v2.safetensors", metadata={"ss_base_model_version": "sd_v2"})
     assert read_adapter(tmp_path / "v2.safetensors").family == "sd2"
+
+
+@pytest.mark.parametrize("prediction, version, arch, resolution", [
+    (None, "sd_v2", "stable-diffusion-v2-768-v/lora", "768x768"),  # unknown: SD 2.1's, the common one
+    ("epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "512x512"),  # SD 2.x-base
+    ("v", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768"),
+])
+def test_sd2_architecture_follows_the_stated_prediction_type(tmp_path, prediction, version, arch, resolution):
+    """SD2-base and SD2-768-v adapters have the same shapes; kohya's sai_model_spec.py names them apart, and A1111
+    sorts both under SD2 by ss_v2. A re-save keeps what the file says."""
+    w = AdapterWeights({"unet.mid_block.attentions.0.proj_in": LoRAModule(torch.ones(2, 64), torch.ones(64, 2))},
+                       family="sd2")
+    stated = {"modelspec.prediction_type": prediction} if prediction else {}
+    for name, md in (("trained", stated), ("resaved", None)):
+        path = save_adapter(w, tmp_path / f"{name}.safetensors", metadata=md)
+        with safe_open(path, "pt") as f:
+            header = f.metadata()
+        assert (header["ss_base_model_version"], header["ss_v2"]) == (version, "True")
+        assert (header["modelspec.architecture"], header["modelspec.resolution"]) == (arch, resolution)
+        w = read_adapter(path)
+
+
+def test_modelspec_date_is_utc_with_its_offset(pipe, tmp_path):
+    """Without an offset, JavaScript's Date (lora-inspector's card) and fromisoformat read it as local time."""
+    before = time.time()
+    path = save_adapter(random_adapter(pipe, preset="cross-attn"), tmp_path / "a.safetensors")
+    with safe_open(path, "pt") as f:
+        date = f.metadata()["modelspec.date"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", date)
+    assert int(before) <= datetime.datetime.fromisoformat(date).timestamp() <= time.time()
 
 
 # ---- bad files: one clear error that names the file and the problem ---------------------------------------------

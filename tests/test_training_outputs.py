@@ -6,6 +6,7 @@ metadata, `--resume PATH`, `--no-text-encoder` and `--no-dataset-metadata`. Tiny
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import re
 import subprocess
@@ -101,12 +102,80 @@ def test_the_adapter_carries_kohya_and_modelspec_metadata(run):
     assert md["ss_network_alpha"] == "4.0" and md["ss_v2"] == "False" and md["ss_output_name"] == "inkwash"
     assert md["ss_base_model_version"] == "sd_v1" and md["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert md["modelspec.title"] == "inkwash" and md["modelspec.trigger_phrase"] == "inkwash"
-    assert md["modelspec.resolution"] == "64x64"
-    date = datetime.datetime.strptime(md["modelspec.date"], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
-    assert run["before"] - 1 <= date.timestamp() <= run["after"] + 1
+    assert md["modelspec.resolution"] == "64x64" and md["modelspec.prediction_type"] == "epsilon"
+    date = datetime.datetime.fromisoformat(md["modelspec.date"])  # with its offset, so no reader takes it as local
+    assert date.utcoffset() == datetime.timedelta(0) and run["before"] - 1 <= date.timestamp() <= run["after"] + 1
     assert run["before"] <= int(md["ss_training_started_at"]) <= int(md["ss_training_finished_at"]) <= run["after"]
     assert json.loads(md["ss_tag_frequency"])["inkwash"]
     assert json.loads(md["ss_dataset_dirs"]) == {"inkwash": {"n_repeats": 1, "img_count": 4}}
+
+
+def a1111_metadata(path: Path) -> dict:
+    """AUTOMATIC1111's modules/sd_models.py read_metadata_from_safetensors: the raw header, then every value that
+    starts with "{" json-decoded (a failure leaves the string)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert n > 2 and data[8:10] in (b'{"', b"{'")
+    out = {}
+    for key, value in json.loads(data[8:8 + n]).get("__metadata__", {}).items():
+        assert isinstance(value, str), key  # A1111 slices and html-escapes them; kohya writes str() of every value
+        out[key] = json.loads(value) if value[:1] == "{" else value
+    return out
+
+
+def test_a1111_reads_the_adapter_and_its_card_as_its_lora_extension_does(run):
+    """extensions-builtin/Lora: network.py (alias, SD version, hash), ui_edit_user_metadata.py (the metadata table
+    and the training-tag cloud), ui_extra_networks_lora.py (the <name>.json card)."""
+    adapter = run["out"] / "inkwash.safetensors"
+    md = a1111_metadata(adapter)
+    assert md["ss_output_name"] == "inkwash"  # the alias in <lora:inkwash:1>
+    assert not str(md.get("ss_base_model_version", "")).startswith("sdxl_") and md["ss_v2"] != "True"  # -> SD1
+    data = adapter.read_bytes()  # hashes.addnet_hash_safetensors: sha256 of the bytes after the header
+    assert md["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    for key in ("ss_output_name", "ss_sd_model_name", "ss_network_module"):  # html.escape(value) in the table
+        assert isinstance(md[key], str)
+    assert md["ss_sd_model_name"] == "tiny" and md["ss_network_module"] == "networks.lora"
+    assert run["before"] <= float(md["ss_training_started_at"]) <= run["after"]  # "Date trained"
+    assert sum(int(d.get("img_count", 0)) for d in md["ss_dataset_dirs"].values()) == 4  # "Dataset size"
+    tags = {}  # build_tags: {dataset dir: {tag: count}}, summed over the dirs
+    for per_dir in md["ss_tag_frequency"].values():
+        for tag, n in per_dir.items():
+            tags[tag.strip()] = tags.get(tag.strip(), 0) + int(n)
+    assert tags == {"an image in the style of inkwash": 3, "inkwash": 1, "a blue circle": 1, "ink outline": 1}
+    card = json.loads((run["out"] / "inkwash.json").read_text(encoding="utf8"))
+    assert card["sd version"] in ("SD1", "SD2", "SDXL", "SD3", "Unknown") and card["sd version"] == "SD1"
+    assert card["activation text"] == "inkwash" and float(card["preferred weight"]) == 1.0
+
+
+def test_metadata_names_a_local_base_model_by_its_name_and_states_its_prediction_type(tmp_path):
+    """kohya's train_network.py keeps a hub id as given but names a local model by its basename: a full path would
+    show in A1111's card (and could not be stored if it held bytes that are not UTF-8). The prediction type is
+    ModelSpec's value (kohya's sai_model_spec.py), which save_adapter turns into SD2's architecture."""
+    import sd_lora
+    from sd_lora.training import report
+    from sd_lora.weights import AdapterWeights, LoRAModule
+
+    local = tmp_path / "models" / "my\udcffsd21.safetensors"
+    local.parent.mkdir()
+    local.write_bytes(b"")
+    times = {"started": 1.7e9, "finished": 1.7e9 + 60}
+    for model, prediction, name, spec in [("stabilityai/stable-diffusion-2-1", "v_prediction", None, "v"),
+                                          (str(local), "epsilon", "my\ufffdsd21.safetensors", "epsilon"),
+                                          (str(local.parent) + "/", None, "models", None)]:
+        cfg = train_config(tmp_path, tmp_path / "out", model=model).resolved()
+        md = report.adapter_metadata(cfg, resolution=512, images=4, class_images=0, steps=2, epochs=1.0,
+                                     precision="no", processes=1, tag_frequency=None, prediction_type=prediction,
+                                     **times)
+        assert md["ss_sd_model_name"] == (name or model) and md.get("modelspec.prediction_type") == spec
+        assert md["modelspec.date"] == "2023-11-14T22:14:20+00:00"
+    w = AdapterWeights({"unet.mid_block.attentions.0.proj_in": LoRAModule(torch.ones(2, 64), torch.ones(64, 2))},
+                       family="sd2")
+    path = sd_lora.save_adapter(w, tmp_path / "a.safetensors", metadata=report.adapter_metadata(
+        cfg, resolution=512, images=4, class_images=0, steps=2, epochs=1.0, precision="no", processes=1,
+        tag_frequency=None, prediction_type="epsilon", **times))
+    md = a1111_metadata(path)
+    assert (md["modelspec.architecture"], md["modelspec.resolution"]) == ("stable-diffusion-v2-512/lora", "512x512")
+    assert (md["modelspec.prediction_type"], md["ss_v2"]) == ("epsilon", "True")
 
 
 def test_resume_from_a_checkpoint_path_into_another_folder_ends_where_the_run_did(run, tmp_path):

@@ -376,7 +376,8 @@ class Trainer:
             self.cfg, resolution=self.resolution, images=len(self.records), class_images=len(self.class_records),
             steps=self.state.step, epochs=self.state.batches / len(self.sampler), started=started,
             finished=time.time(), precision=self.accelerator.mixed_precision,
-            processes=self.accelerator.num_processes, tag_frequency=tags)
+            processes=self.accelerator.num_processes, tag_frequency=tags,
+            prediction_type=self.noise_scheduler.config.prediction_type)
         sd_lora.save_adapter(self.lora.export(self.cfg.name), path, format="kohya", metadata=metadata)
 
     def write_outputs(self, adapter: Path, preview, started: float) -> list[Path]:

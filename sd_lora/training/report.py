@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -170,12 +171,18 @@ def running_mean(values: Sequence[float], window: int | None = None) -> list[flo
 # What travels with the adapter
 
 
+# diffusers' scheduler prediction_type -> ModelSpec's modelspec.prediction_type (kohya's sai_model_spec.py values)
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
 def adapter_metadata(cfg: TrainConfig, *, resolution: int, images: int, class_images: int, steps: int,
                      epochs: float, precision: str, started: float, finished: float, processes: int,
-                     tag_frequency: dict | None) -> dict[str, str]:
-    """kohya-style training settings (ss_*) and ModelSpec fields; save_adapter adds the base-model keys."""
+                     tag_frequency: dict | None, prediction_type: str | None = None) -> dict[str, str]:
+    """kohya-style training settings (ss_*) and ModelSpec fields; save_adapter adds the base-model keys.
+    `prediction_type`: the base model's scheduler's (diffusers' "epsilon" or "v_prediction"); save_adapter needs it
+    to tell SD2.x-base from SD2.x-768-v."""
     md = {
-        "ss_sd_model_name": cfg.model, "ss_output_name": cfg.name, "ss_network_args": json.dumps(
+        "ss_sd_model_name": model_name(cfg.model), "ss_output_name": cfg.name, "ss_network_args": json.dumps(
             {"targets": cfg.targets, "text_encoder": cfg.text_encoder, "trainer": "sd-lora"}),
         "ss_learning_rate": cfg.lr, "ss_unet_lr": cfg.lr, "ss_text_encoder_lr": cfg.te_lr if cfg.text_encoder else 0,
         "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[cfg.optimizer],
@@ -191,13 +198,24 @@ def adapter_metadata(cfg: TrainConfig, *, resolution: int, images: int, class_im
         "ss_training_finished_at": int(finished),
         "modelspec.title": cfg.name, "modelspec.trigger_phrase": cfg.token,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": _dt.datetime.fromtimestamp(finished, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        # ISO 8601 with its offset: without one, readers (JavaScript's Date, fromisoformat) take it as local time
+        "modelspec.date": _dt.datetime.fromtimestamp(int(finished), _dt.timezone.utc).isoformat(),
         "modelspec.description": f"Style LoRA for {cfg.token!r}, trained with sd-lora",
     }
+    if prediction_type in PREDICTION_TYPES:
+        md["modelspec.prediction_type"] = PREDICTION_TYPES[prediction_type]
     if tag_frequency is not None:
         md["ss_tag_frequency"] = json.dumps(tag_frequency)
         md["ss_dataset_dirs"] = json.dumps({Path(cfg.images).name: {"n_repeats": 1, "img_count": images}})
     return {k: str(v) for k, v in md.items()}
+
+
+def model_name(model: str) -> str:
+    """ss_sd_model_name as kohya writes it: a hub id or "tiny" as given, a local file or folder by its name only (its
+    full path would show in A1111's card and tell everyone the trainer's folders), as valid UTF-8 (safetensors
+    cannot store the surrogates a path with bytes that are not UTF-8 holds)."""
+    path = os.path.abspath(os.path.expanduser(model))  # "." and "../sd15" name a folder; links keep their name
+    return valid_text(os.path.basename(path) if os.path.exists(path) else model)
 
 
 def sidecar(cfg: TrainConfig, family: str) -> dict:
