@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 
 from sd_lora.training.buckets import assign_buckets
-from sd_lora.training.class_images import generate_class_images
+from sd_lora.training.class_images import generate_class_images, usable_class_images
 from sd_lora.training.data import (
     DatasetError,
     ImageRecord,
-    count_usable_images,
     load_image,
     read_caption,
     scan_images,
@@ -317,7 +316,7 @@ def test_symlinked_folders_are_followed_and_each_real_folder_is_read_once(tmp_pa
     assert records[3].path == root / "set1" / "a.png" and records[3].caption == "from the linked folder"
     assert lines == ["warning: skipped gone.png: unreadable (a broken symlink)",
                      "warning: skipped 1 of 6 files (1 unreadable); using 5 images"]
-    assert count_usable_images(root) == 6  # no exclude here: lora/preview.png counts, once
+    assert len(usable_class_images(root)) == 6  # a class folder, no exclude: lora/preview.png counts, once
 
 
 def test_excluded_folders_reached_through_a_link_are_skipped(tmp_path):
@@ -358,7 +357,7 @@ def test_a_link_to_an_ancestor_adds_nothing(tmp_path):
     lines = []
     records = scan_images(root, caption=PROMPT, warn=lines.append)
     assert [r.path.relative_to(root).as_posix() for r in records] == ["sub/own.png"] and lines == []
-    assert count_usable_images(root) == 1
+    assert len(usable_class_images(root)) == 1
 
 
 def test_full_image_name_sidecars_caption_their_image(tmp_path):

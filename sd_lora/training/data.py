@@ -121,14 +121,6 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     return records
 
 
-def count_usable_images(folder: str | os.PathLike) -> int:
-    """How many usable images a folder holds (0 when it does not exist). Silent; scan_images reports problems."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        return 0
-    return sum(1 for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS and _probe(f)[0] is None)
-
-
 def fingerprint(folder: str | os.PathLike, *, exclude: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """What a run trains on, cheaply, to tell a moved images folder from a changed one: {relative path of each
     image file: "<size in bytes>", or "<size> <digest of its caption>" when a sidecar gives it one}. The files and

@@ -12,15 +12,13 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sd_lora.training.buckets import assign_buckets
-from sd_lora.training.class_images import generate_class_images
+from sd_lora.training.class_images import generate_class_images, usable_class_images
 from sd_lora.training.config import TrainConfig, UsageError, say
-from sd_lora.training.data import count_usable_images, scan_images
 
 WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' LoRA scripts use
 # From twice its native size up (1024 px for SD1.5), a model trains on images it never learned to make, and a step
@@ -239,19 +237,30 @@ def lora_sides(pipe, preset: str, text_encoder: bool = True) -> dict[str, int]:
 
 def class_images(cfg: TrainConfig, pipe, resolution: int, accelerator) -> list:
     """Prior preservation: top the class folder up to --num-class-images with the base model (main process), then
-    the first --num-class-images of them, all captioned with the class prompt, in buckets."""
-    folder = Path(cfg.class_images)
-    if accelerator.is_main_process:
-        missing = cfg.num_class_images - count_usable_images(folder)
+    the first --num-class-images of them, all captioned with the class prompt, in buckets. What the run reads or
+    writes elsewhere (the images, the output and cache folders) is left out of the class folder's scan. That the
+    folder is not the output folder, and can be written when images are missing, was checked before the model
+    loaded (run_folder.check_apart, check_writable)."""
+    folder, main = Path(cfg.class_images).expanduser(), accelerator.is_main_process
+    exclude = [p for p in (cfg.images, cfg.output, cfg.cache_dir) if p]
+    if main:
+        missing = cfg.num_class_images - len(usable_class_images(folder, exclude=exclude))
         if missing > 0:
-            bar = progress_bar(missing, 0, desc="class images")
-            generate_class_images(folder, cfg.class_prompt, cfg.num_class_images, pipe, resolution, seed=cfg.seed,
-                                  progress=lambda done, total: bar.update(1))
-            bar.close()
+            with progress_bar(missing, 0, desc="class images") as bar:  # closed on Ctrl-C too: a clean next line
+                generate_class_images(folder, cfg.class_prompt, cfg.num_class_images, pipe, resolution,
+                                      seed=cfg.seed, progress=lambda done, total: bar.update(1), exclude=exclude)
     accelerator.wait_for_everyone()
-    found = scan_images(folder, caption=cfg.class_prompt, **({} if accelerator.is_main_process else {"warn": None}))
-    found = [replace(r, caption=cfg.class_prompt) for r in found[:cfg.num_class_images]]
-    return assign_buckets(found, resolution)
+    found = usable_class_images(folder, cfg.class_prompt, warn=_class_warning if main else None, exclude=exclude)
+    if len(found) < cfg.num_class_images:  # another machine's process, with a folder the main one does not see
+        raise UsageError(f"--class-images {cfg.class_images}: this process finds {len(found)} of the "
+                         f"{cfg.num_class_images} class images the main process made; put the folder on a file "
+                         "system every process of the run can read")
+    return assign_buckets(found[:cfg.num_class_images], resolution)
+
+
+def _class_warning(message: str) -> None:
+    """scan_images' warnings about the class folder, told apart from those about the images folder."""
+    say(message.replace("warning: ", "warning: class images: ", 1))
 
 
 def warn_long_captions(tokenizer, captions: list[str]) -> None:

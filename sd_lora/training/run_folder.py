@@ -152,6 +152,10 @@ def check_apart(cfg: TrainConfig) -> None:
         if folder and Path(folder).expanduser().resolve() == images:
             raise UsageError(f"{flag} {folder} is the --images folder: what the run writes there would become "
                              "training data; choose another folder")
+    if cfg.class_images and Path(cfg.class_images).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
+        raise UsageError(f"--class-images {cfg.class_images} is the --output folder: the run's previews, samples "
+                         "and loss plot would become class images; choose another folder (default: "
+                         "<output>/class_images)")
 
 
 def owner(output: Path) -> dict | None:
@@ -177,12 +181,27 @@ def check_writable(cfg: TrainConfig) -> None:
         if not existing.is_dir():
             where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
             raise UsageError(f"{flag} {folder}: {where}, not a folder")
-        if flag == "--class-images" and existing == path:
+        have = _class_images_held(cfg) if flag == "--class-images" and existing == path else None
+        if have is not None and have >= cfg.num_class_images:
             continue  # a full class-image folder is only read: it may be read-only
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".sd-lora-probe-", dir=existing))
         except OSError as e:
-            raise UsageError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
+            why = e.strerror or e
+            if have is not None:
+                lower = f", pass --num-class-images {have}" if have else ""
+                raise UsageError(f"{flag} {folder}: holds {have} of the {cfg.num_class_images} class images "
+                                 f"wanted, and the missing ones cannot be written there ({why}); make it "
+                                 f"writable{lower}, or choose another folder") from None
+            raise UsageError(f"{flag} {folder}: cannot write in {existing} ({why})") from None
+
+
+def _class_images_held(cfg: TrainConfig) -> int:
+    """The usable images the class folder holds already (what the run writes or trains on elsewhere left out)."""
+    from sd_lora.training.class_images import usable_class_images
+
+    return len(usable_class_images(cfg.class_images, exclude=[p for p in (cfg.images, cfg.output, cfg.cache_dir)
+                                                               if p]))
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict | None, images: dict, where: str) -> str | None:
