@@ -142,6 +142,15 @@ def test_a1111_reads_the_adapter_and_its_card_as_its_lora_extension_does(run):
         for tag, n in per_dir.items():
             tags[tag.strip()] = tags.get(tag.strip(), 0) + int(n)
     assert tags == {"an image in the style of inkwash": 3, "inkwash": 1, "a blue circle": 1, "ink outline": 1}
+    resolutions = {}  # the "Resolutions" row: ss_bucket_info's buckets, summed per resolution
+    for bucket in md["ss_bucket_info"]["buckets"].values():
+        key = f'{bucket["resolution"][1]}x{bucket["resolution"][0]}'
+        resolutions[key] = resolutions.get(key, 0) + int(bucket["count"])
+    assert sum(resolutions.values()) == 4 and len(resolutions) == 2
+    shown = ", ".join(f"{w}x{h} ×{b['count']}" for b in md["ss_bucket_info"]["buckets"].values()
+                      for w, h in [b["resolution"]])
+    assert f"2 buckets: {shown}\n" in run["stdout"]  # the buckets the start screen listed, in its (w x h) order
+    assert 0 < md["ss_bucket_info"]["mean_img_ar_error"] < 0.5  # the 96x64 images are cropped a little
     card = json.loads((run["out"] / "inkwash.json").read_text(encoding="utf8"))
     assert card["sd version"] in ("SD1", "SD2", "SDXL", "SD3", "Unknown") and card["sd version"] == "SD1"
     assert card["activation text"] == "inkwash" and float(card["preferred weight"]) == 1.0
@@ -202,7 +211,7 @@ def test_no_text_encoder_and_no_dataset_metadata(tmp_path, capsys):
     assert "lr 0.001 UNet, constant" in optimizer and "text encoder" not in optimizer
     md, keys = metadata(out / "inkwash.safetensors")
     assert keys and all(k.startswith("lora_unet_") for k in keys)
-    assert "ss_tag_frequency" not in md and "ss_dataset_dirs" not in md
+    assert "ss_tag_frequency" not in md and "ss_dataset_dirs" not in md and "ss_bucket_info" not in md
     assert md["ss_text_encoder_lr"] == "0"
 
 

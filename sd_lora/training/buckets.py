@@ -62,6 +62,15 @@ def bucket_counts(records: Sequence[ImageRecord]) -> dict[tuple[int, int], int]:
     return dict(sorted(Counter(r.bucket for r in records).items()))
 
 
+def bucket_info(records: Sequence[ImageRecord]) -> dict:
+    """kohya's ss_bucket_info, which A1111 shows as the adapter's "Resolutions": {"buckets": {"0": {"resolution":
+    [width, height], "count": n}, ...}, "mean_img_ar_error": mean |bucket aspect ratio - image aspect ratio|}."""
+    buckets = {str(i): {"resolution": list(bucket), "count": n}
+               for i, (bucket, n) in enumerate(bucket_counts(records).items())}
+    errors = [abs(r.bucket[0] / r.bucket[1] - r.size[0] / r.size[1]) for r in records]
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Resize so the image covers the bucket, then center-crop to it."""
     return ImageOps.fit(image, bucket, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

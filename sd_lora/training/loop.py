@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sd_lora.training import checkpoint, host_memory, prepare, report, run_folder
-from sd_lora.training.buckets import BucketSampler, assign_buckets, bucket_counts
+from sd_lora.training.buckets import BucketSampler, assign_buckets, bucket_counts, bucket_info
 from sd_lora.training.caches import (
     LatentCache,
     LiveLatents,
@@ -371,12 +371,13 @@ class Trainer:
     def _save_adapter(self, path: Path, started: float) -> None:
         import sd_lora
 
-        tags = tag_frequency(self.records, self.cfg.images) if self.cfg.dataset_metadata else None
+        tags, buckets = ((tag_frequency(self.records, self.cfg.images), bucket_info(self.records))
+                         if self.cfg.dataset_metadata else (None, None))
         metadata = report.adapter_metadata(
             self.cfg, resolution=self.resolution, images=len(self.records), class_images=len(self.class_records),
             steps=self.state.step, epochs=self.state.batches / len(self.sampler), started=started,
             finished=time.time(), precision=self.accelerator.mixed_precision,
-            processes=self.accelerator.num_processes, tag_frequency=tags,
+            processes=self.accelerator.num_processes, tag_frequency=tags, bucket_info=buckets,
             prediction_type=self.noise_scheduler.config.prediction_type)
         sd_lora.save_adapter(self.lora.export(self.cfg.name), path, format="kohya", metadata=metadata)
 

@@ -177,7 +177,8 @@ PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 def adapter_metadata(cfg: TrainConfig, *, resolution: int, images: int, class_images: int, steps: int,
                      epochs: float, precision: str, started: float, finished: float, processes: int,
-                     tag_frequency: dict | None, prediction_type: str | None = None) -> dict[str, str]:
+                     tag_frequency: dict | None, prediction_type: str | None = None,
+                     bucket_info: dict | None = None) -> dict[str, str]:
     """kohya-style training settings (ss_*) and ModelSpec fields; save_adapter adds the base-model keys.
     `prediction_type`: the base model's scheduler's (diffusers' "epsilon" or "v_prediction"); save_adapter needs it
     to tell SD2.x-base from SD2.x-768-v."""
@@ -204,6 +205,8 @@ def adapter_metadata(cfg: TrainConfig, *, resolution: int, images: int, class_im
     }
     if prediction_type in PREDICTION_TYPES:
         md["modelspec.prediction_type"] = PREDICTION_TYPES[prediction_type]
+    if bucket_info is not None:  # buckets.bucket_info
+        md["ss_bucket_info"] = json.dumps(bucket_info)
     if tag_frequency is not None:
         md["ss_tag_frequency"] = json.dumps(tag_frequency)
         md["ss_dataset_dirs"] = json.dumps({Path(cfg.images).name: {"n_repeats": 1, "img_count": images}})
