@@ -166,6 +166,15 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite cannot be used together")
         return self
 
+    def written_folders(self) -> list[str]:
+        """The folders the run writes or generates into (output, cache, class images), left out of the --images
+        scan: their previews, samples and checkpoints are not training data."""
+        return [p for p in (self.output, self.cache_dir, self.class_images) if p]
+
+    def not_class_images(self) -> list[str]:
+        """The folders left out of the class-image folder's scan: the training images, the output and the cache."""
+        return [p for p in (self.images, self.output, self.cache_dir) if p]
+
     def resolved(self) -> TrainConfig:
         """A validated copy with the derived defaults filled in: token, prompt, alpha, learning rates, name, output,
         class images, sample prompts. Resolution and mixed precision stay as given (they depend on the model and

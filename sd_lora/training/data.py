@@ -81,10 +81,7 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
     files = _walk(root, exclude)
     images = {f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
     owners = images | {f.with_suffix("") for f in images}  # a sidecar is name.txt or name.png.txt
-    sidecars: dict[Path, list[Path]] = {}
-    for f in files:
-        if f.suffix.lower() in CAPTION_EXTENSIONS:
-            sidecars.setdefault(f.with_suffix(""), []).append(f)
+    sidecars = _sidecars(files)
     records, problems = [], Counter()
     for path in files:
         suffix = path.suffix.lower()
@@ -100,8 +97,7 @@ def scan_images(folder: str | os.PathLike, caption: str, token: str | None = Non
             problem, detail, size = _probe(path)
             if problem is None:
                 try:
-                    found = sidecars.get(path.with_suffix(""), []) + sidecars.get(path, [])
-                    text, sidecar = _caption(found, caption, token, warn, root)
+                    text, sidecar = _caption(sidecars(path), caption, token, warn, root)
                     records.append(ImageRecord(path, text, size, sidecar=sidecar))
                     continue
                 except OSError as e:  # training it under the default prompt instead would be silently wrong
@@ -133,10 +129,7 @@ def fingerprint(folder: str | os.PathLike, *, exclude: Sequence[str | os.PathLik
     if not root.is_dir():
         return {}
     files = _walk(root, exclude)
-    sidecars: dict[Path, list[Path]] = {}
-    for f in files:
-        if f.suffix.lower() in CAPTION_EXTENSIONS:
-            sidecars.setdefault(f.with_suffix(""), []).append(f)
+    sidecars = _sidecars(files)
     found = {}
     for path in files:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -146,7 +139,7 @@ def fingerprint(folder: str | os.PathLike, *, exclude: Sequence[str | os.PathLik
         except OSError:  # a broken link: scan_images skips it
             entry = "unreadable"
         try:
-            caption, sidecar = _caption(sidecars.get(path.with_suffix(""), []) + sidecars.get(path, []), "", None)
+            caption, sidecar = _caption(sidecars(path), "", None)
             if sidecar is not None:
                 entry += " " + hashlib.sha256(caption.encode()).hexdigest()[:16]
         except OSError:
@@ -215,6 +208,16 @@ def read_caption(image_path: str | os.PathLike, default: str, token: str | None 
     candidates = [path.parent / n for n in names if Path(n).stem in (path.stem, path.name)
                   and Path(n).suffix.lower() in CAPTION_EXTENSIONS]
     return _caption(candidates, default, token, warn)[0]
+
+
+def _sidecars(files: Sequence[Path]) -> Callable[[Path], list[Path]]:
+    """image path -> the caption files among `files` that may be its sidecar: name.txt and name.png.txt (any case of
+    .txt or .caption); _caption picks one."""
+    found: dict[Path, list[Path]] = {}
+    for f in files:
+        if f.suffix.lower() in CAPTION_EXTENSIONS:
+            found.setdefault(f.with_suffix(""), []).append(f)
+    return lambda image: found.get(image.with_suffix(""), []) + found.get(image, [])
 
 
 def _caption(candidates: Sequence[Path], default: str, token: str | None, warn: Warn | None = None,

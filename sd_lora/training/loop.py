@@ -51,10 +51,9 @@ def train(config: TrainConfig, pipe=None) -> dict:
     main = os.environ.get("RANK", "0") == "0"
     run_folder.check_apart(cfg)
     records = scan_images(cfg.images, caption=cfg.prompt, token=cfg.token,  # before any model loads
-                          exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p],  # what we write
-                          **({} if main else {"warn": None}))
+                          exclude=cfg.written_folders(), **({} if main else {"warn": None}))
     dataset = run_folder.fingerprint(cfg)  # what run.json records as trained on: the files scanned just now
-    resume_from = run_folder.check_output(cfg)  # another run in the folder, nothing to resume: before loading too
+    resume_from = run_folder.check_output(cfg, dataset)  # another run there, nothing to resume: before loading too
     run_folder.check_writable(cfg)
     pipe = pipe or prepare.load_model(cfg.model)
     accelerator = prepare.make_accelerator(cfg, notice=main)
@@ -64,7 +63,7 @@ def train(config: TrainConfig, pipe=None) -> dict:
     try:
         if main:  # held until the run ends: a second run in this folder is refused, not mixed in
             lock = run_folder.OutputLock(Path(cfg.output))
-            run_folder.check_folder(cfg)  # again, under the lock: another run may have written here meanwhile
+            run_folder.check_folder(cfg, dataset)  # again, under the lock: another run may have written meanwhile
         result = _train(cfg, records, dataset, resume_from, accelerator, pipe)
         accelerator.end_training()
         return result

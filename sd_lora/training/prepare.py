@@ -242,7 +242,7 @@ def class_images(cfg: TrainConfig, pipe, resolution: int, accelerator) -> list:
     folder is not the output folder, and can be written when images are missing, was checked before the model
     loaded (run_folder.check_apart, check_writable)."""
     folder, main = Path(cfg.class_images).expanduser(), accelerator.is_main_process
-    exclude = [p for p in (cfg.images, cfg.output, cfg.cache_dir) if p]
+    exclude = cfg.not_class_images()
     if main:
         missing = cfg.num_class_images - len(usable_class_images(folder, exclude=exclude))
         if missing > 0:

@@ -49,22 +49,23 @@ def identity(cfg: TrainConfig) -> dict:
     return values
 
 
-def check_output(cfg: TrainConfig) -> Path | None:
+def check_output(cfg: TrainConfig, images: dict | None = None) -> Path | None:
     """Before anything loads or is written: refuse an output folder that holds another run, or this run's
     checkpoints, unless --resume or --overwrite says what to do with it; refuse a --resume with nothing to resume.
     Returns the checkpoint to resume from, or None. The main process says what a resume should know (the images
-    folder moved, or its files changed)."""
+    folder moved, or its files changed). `images`: the images' fingerprint when the caller has taken it already."""
     check_unlocked(Path(cfg.output))
-    return check_folder(cfg, notes=say if os.environ.get("RANK", "0") == "0" else None)
+    return check_folder(cfg, images, notes=say if os.environ.get("RANK", "0") == "0" else None)
 
 
-def check_folder(cfg: TrainConfig, notes: Callable[[str], None] | None = None) -> Path | None:
+def check_folder(cfg: TrainConfig, images: dict | None = None, notes: Callable[[str], None] | None = None) \
+        -> Path | None:
     """check_output without the lock check: the main process runs it again once it holds the lock (without `notes`:
     they went out the first time)."""
-    output = Path(cfg.output)
+    output, images = Path(cfg.output), fingerprint(cfg) if images is None else images
     previous = owner(output)
     if cfg.resume is not None:
-        return _check_resume(cfg, output, previous, notes)
+        return _check_resume(cfg, output, previous, images, notes)
     saved = checkpoint.checkpoints(output)
     if cfg.overwrite or (previous is not None and abandoned(output)):
         return None
@@ -76,7 +77,6 @@ def check_folder(cfg: TrainConfig, notes: Callable[[str], None] | None = None) -
             raise UsageError(f"{output} holds {held} but no readable {RUN_FILE} that says which run wrote {it}; "
                              f"pass --overwrite to replace {it}, or choose another --output")
         return None
-    images = fingerprint(cfg)
     status = _images(cfg, previous, images)
     ours, theirs = _settings(cfg, previous, status, keep=())
     if ours != theirs:  # --resume is worth suggesting only where it would be taken: --steps or --epochs differ
@@ -95,11 +95,10 @@ def check_folder(cfg: TrainConfig, notes: Callable[[str], None] | None = None) -
     return None
 
 
-def _check_resume(cfg: TrainConfig, output: Path, previous: dict | None,
+def _check_resume(cfg: TrainConfig, output: Path, previous: dict | None, images: dict,
                   notes: Callable[[str], None] | None) -> Path:
     """The checkpoint --resume names, once it is known to be this run's (and the folder's run too) and to leave
     something to train. A moved images folder gets a note, changed images a warning, through `notes`."""
-    images = fingerprint(cfg)
     try:
         found = checkpoint.find_checkpoint(cfg.resume, output)
     except UsageError as e:
@@ -140,7 +139,7 @@ def _same_images_beside(cfg: TrainConfig, output: Path, images: dict) -> str | N
 
 def fingerprint(cfg: TrainConfig) -> dict[str, str]:
     """The images' fingerprint, of the files the run trains on: those the loop's scan finds."""
-    return data.fingerprint(cfg.images, exclude=[p for p in (cfg.output, cfg.cache_dir, cfg.class_images) if p])
+    return data.fingerprint(cfg.images, exclude=cfg.written_folders())
 
 
 def check_apart(cfg: TrainConfig) -> None:
@@ -200,8 +199,7 @@ def _class_images_held(cfg: TrainConfig) -> int:
     """The usable images the class folder holds already (what the run writes or trains on elsewhere left out)."""
     from sd_lora.training.class_images import usable_class_images
 
-    return len(usable_class_images(cfg.class_images, exclude=[p for p in (cfg.images, cfg.output, cfg.cache_dir)
-                                                               if p]))
+    return len(usable_class_images(cfg.class_images, exclude=cfg.not_class_images()))
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict | None, images: dict, where: str) -> str | None:
